@@ -161,7 +161,7 @@ def _orientation(geometry: Geometry) -> np.ndarray:
 def from_sitk(img: sitk.Image, source: str = "", dtype: np.dtype | type | None = np.float32) -> Volume:
     """Wrap a 3D SimpleITK image as a canonical :class:`Volume`."""
     geometry = Geometry.from_sitk(img)
-    arr = sitk.GetArrayViewFromImage(img)
+    arr = sitk.GetArrayFromImage(img)  # a copy: a view would dangle once img is freed
     t = _orientation(geometry)
     data = np.ascontiguousarray(nio.apply_orientation(arr, t))
     if dtype is not None:
@@ -227,9 +227,35 @@ def _read_sitk(path: Path) -> tuple[sitk.Image, list[str]]:
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise FemursegError(f"{path}: unsupported file type (expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)")
     try:
-        return sitk.ReadImage(str(path)), []
+        img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise FemursegError(f"{path}: unreadable or truncated image: {_first_line(exc)}") from None
+    _check_nifti_complete(path, img)
+    return img, []
+
+
+def _check_nifti_complete(path: Path, img: sitk.Image) -> None:
+    """Re-read NIfTI data with nibabel to catch what ITK's reader hides.
+
+    ITK pads a truncated ``.nii``/``.nii.gz`` with zeros and turns NaN into 0, so a
+    corrupt file would pass silently; nibabel raises on short data and keeps NaN.
+    """
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        arr = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises EOFError, OSError, zlib.error, ValueError...
+        raise FemursegError(f"{path}: unreadable or truncated image: {exc}") from None
+    _check_finite(path, arr)
+
+
+def _check_finite(path: Path, arr: np.ndarray) -> None:
+    if arr.dtype.kind in "fc":
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise FemursegError(f"{path}: image has {bad} NaN/Inf voxels")
 
 
 def _first_line(exc: Exception) -> str:
@@ -247,8 +273,9 @@ def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float
         dtype: cast the data to this type (``None`` keeps the stored type, as for labels).
 
     Raises:
-        FemursegError: missing/unreadable file, zero or several DICOM series, an image that
-            is not 3D (2D, 4D with more than one volume, or multi-channel).
+        FemursegError: missing/unreadable/truncated file, zero or several DICOM series, an
+            image that is not 3D (2D, 4D with more than one volume, or multi-channel), or
+            NaN/Inf voxels.
     """
     p = Path(path)
     img, files = _read_sitk(p)
@@ -261,6 +288,7 @@ def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float
     if min(img.GetSize()) < 2:
         raise FemursegError(f"{p}: image has size {img.GetSize()}, a single slice; expected a 3D volume")
     vol = from_sitk(img, str(p), dtype)
+    _check_finite(p, vol.data)
     vol.dicom_files = files
     return vol
 
@@ -272,6 +300,8 @@ def write_like(path: str | os.PathLike, data: np.ndarray, like: Volume, dtype: n
     Masks should be passed as ``uint8`` and probability maps as ``float32``.
     """
     p = Path(path)
+    if data.shape != like.data.shape:
+        raise ValueError(f"array shape {data.shape} != reference volume shape {like.data.shape}")
     if not p.name.lower().endswith(IMAGE_SUFFIXES):
         raise FemursegError(f"{p}: output must end in one of {', '.join(IMAGE_SUFFIXES)}")
     arr = data if dtype is None else data.astype(dtype, copy=False)

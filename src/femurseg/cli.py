@@ -1,0 +1,110 @@
+"""The ``femurseg`` command. Thin: it parses options and calls the library modules.
+
+Every user-caused problem surfaces as a :class:`~femurseg.errors.FemursegError`, printed
+as one line (``femurseg: error: ...``) with exit status 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from femurseg.errors import FemursegError
+
+app = typer.Typer(
+    name="femurseg",
+    help="Proximal femur segmentation in 3D MR and CT with deep CNNs (Deniz et al. 2018; Deng et al.).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _parse_ints(text: str, n: int | None = None, what: str = "value") -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise FemursegError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if n is not None and len(vals) != n:
+        raise FemursegError(f"{what}: expected {n} integers, got {text!r}")
+    return vals
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Output dataset folder (nnU-Net layout)."),
+    n: int = typer.Option(16, "--n", min=1, help="Number of cases."),
+    modality: str = typer.Option("mr", help="mr (3T T1w FLASH-like) or ct (Hounsfield units, 2 labels)."),
+    seed: int = typer.Option(0, help="Random seed; generation is deterministic for a seed."),
+    size: Optional[str] = typer.Option(None, help="X,Y,Z = columns,rows,coronal slices (default: the modality's default)."),
+    spacing: Optional[str] = typer.Option(None, help="Voxel size X,Y,Z in mm (default: the modality's default)."),
+    artefact_fraction: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction of cases with fold-over or bone-cyst artefacts (MR)."),
+    preview: bool = typer.Option(False, "--preview", help="Also write preview.png: coronal slices of the first cases with the label outline."),
+) -> None:
+    """Generate a synthetic hip phantom dataset (the embedded default data)."""
+    from femurseg.data import synth as synth_mod
+
+    shape = None if size is None else tuple(reversed(_parse_ints(size, 3, "--size")))
+    spc = None
+    if spacing is not None:
+        try:
+            spc = tuple(reversed([float(x) for x in spacing.split(",")]))
+        except ValueError:
+            raise FemursegError(f"--spacing: expected three numbers in mm, got {spacing!r}") from None
+        if len(spc) != 3 or min(spc) <= 0:
+            raise FemursegError(f"--spacing: expected three positive numbers in mm, got {spacing!r}")
+    ds = synth_mod.synthesize(out, n=n, modality=modality, seed=seed, shape=shape, spacing=spc,
+                              artefact_fraction=artefact_fraction, preview=preview)
+    typer.echo(f"wrote {len(ds.cases)} {modality.upper()} cases to {out}")
+    if preview:
+        typer.echo(f"preview: {Path(out) / 'preview.png'}")
+
+
+@app.command()
+def check(
+    dataset: Path = typer.Argument(..., help="nnU-Net dataset folder or CSV manifest."),
+    allow_unlabelled: bool = typer.Option(False, help="Do not require a label for every case."),
+) -> None:
+    """Verify every case of a dataset; one line per problem, non-zero exit if any."""
+    from femurseg.data.dataset import check_dataset, load_dataset
+
+    ds = load_dataset(dataset)
+    problems = check_dataset(ds, require_labels=not allow_unlabelled)
+    for p in problems:
+        typer.echo(str(p))
+    if problems:
+        typer.echo(f"{len(problems)} problem(s) in {len(ds.cases)} case(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {len(ds.cases)} case(s), labels {ds.labels}, modality {ds.modality}")
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        rv = app(standalone_mode=False)
+    except FemursegError as exc:
+        typer.echo(f"femurseg: error: {exc}", err=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("femurseg: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("femurseg: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
