@@ -1,0 +1,61 @@
+"""The femurseg command: help for every command, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from femurseg import io
+from femurseg.cli import app
+from femurseg.data.dataset import MR_LABELS, write_dataset
+from helpers import ball
+
+
+def femurseg(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "femurseg.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _command_names() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_help_lists_every_command():
+    r = femurseg("--help")
+    assert r.returncode == 0
+    names = _command_names()
+    assert {"synth", "check"} <= set(names)
+    for name in names:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("name", _command_names())
+def test_each_command_has_help(name):
+    r = femurseg(name, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout
+
+
+def _assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr + r.stdout
+    assert r.stderr.startswith("femurseg: error: ")
+    for n in needles:
+        assert n in r.stderr
+
+
+def test_check_exit_codes(tmp_path):
+    _assert_one_line_error(femurseg("check", tmp_path / "missing"), "missing", "no such")
+    shape, spacing = (6, 12, 12), (1.5, 0.5, 0.5)
+    img = io.make_volume(np.random.default_rng(0).normal(size=shape).astype(np.float32), spacing)
+    lab = img.with_data(ball(shape, radius=2.0, spacing=spacing).astype(np.uint8))
+    write_dataset(tmp_path / "ds", [("a", img, lab)], MR_LABELS)
+    r = femurseg("check", tmp_path / "ds")
+    assert r.returncode == 0 and "ok: 1 case" in r.stdout
+    io.write_like(tmp_path / "ds" / "labelsTr" / "a.nii.gz", lab.data * 2, img)
+    r = femurseg("check", tmp_path / "ds")
+    assert r.returncode == 1 and "a: " in r.stdout and "label values [2]" in r.stdout and "Traceback" not in r.stderr
