@@ -35,6 +35,7 @@ Choices not fixed by the papers (documented here once):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -160,6 +161,8 @@ class UNet(nn.Module):
         check_positive_int("levels", levels)
         check_dropout(dropout)
         if dilations is not None:
+            if isinstance(dilations, (str, bytes)) or not all(isinstance(r, Integral) for r in dilations):
+                raise ModelConfigError(f"model config: dilations={dilations!r} must be a list of integer rates")
             dilations = [int(r) for r in dilations]
             if not dilations or any(r < 1 for r in dilations):
                 raise ModelConfigError(f"model config: dilations={dilations!r} must be a non-empty list of rates >= 1")
@@ -219,8 +222,8 @@ class UNet(nn.Module):
         raises ModelConfigError (a ValueError) with the nearest valid sizes for invalid sizes.
         """
         centre_shrinks = self.dilations is None
-        if isinstance(input_size, int):
-            return unet_output_size(input_size, self.levels, padded=self.padded, centre_shrinks=centre_shrinks)
+        if isinstance(input_size, Integral):
+            return unet_output_size(int(input_size), self.levels, padded=self.padded, centre_shrinks=centre_shrinks)
         return tuple(
             unet_output_size(int(n), self.levels, padded=self.padded, centre_shrinks=centre_shrinks)
             for n in input_size
