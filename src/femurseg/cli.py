@@ -81,6 +81,30 @@ def check(
     typer.echo(f"ok: {len(ds.cases)} case(s), labels {ds.labels}, modality {ds.modality}")
 
 
+@app.command()
+def models(
+    features: Optional[int] = typer.Option(None, help="Initial feature maps F (default: each model's own)."),
+    levels: Optional[int] = typer.Option(None, help="Levels L in the contracting/expanding paths."),
+    dilations: Optional[str] = typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8 (U-Nets)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows (with buildable configs) as JSON."),
+) -> None:
+    """List the available architectures with their parameter counts."""
+    import json
+
+    from femurseg.models import models_table
+
+    dil = list(_parse_ints(dilations, None, "--dilations")) if dilations else None
+    rows = models_table(features, levels, dil)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    w = max(len(r["name"]) for r in rows)
+    typer.echo(f"{'name':<{w}}  {'parameters':>12}  paper / options")
+    for r in rows:
+        typer.echo(f"{r['name']:<{w}}  {r['parameters']:>12,}  {r['paper']}")
+        typer.echo(f"{'':<{w}}  {'':>12}  {r['options']}")
+
+
 def main() -> None:
     """Console entry point."""
     try:
