@@ -58,7 +58,7 @@ def _bbox(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
 def surface_mesh(
     mask: np.ndarray,
     spacing: tuple[float, float, float],
-    max_faces: int | None = 60000,
+    max_faces: int | None = 150000,
     smooth_sigma_mm: float = 0.0,
 ) -> Mesh:
     """Marching-cubes surface of a binary mask, vertices in mm.
@@ -132,7 +132,7 @@ def signed_surface_distance(
 
 
 def coloured_surface(
-    pred: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float], max_faces: int | None = 60000,
+    pred: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float], max_faces: int | None = 150000,
     smooth_sigma_mm: float = 0.0,
 ) -> Mesh:
     """Surface of ``pred`` with :func:`signed_surface_distance` to ``reference`` per vertex.
@@ -306,6 +306,6 @@ def render_surface(
     if title:
         fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(fig)
     return path
