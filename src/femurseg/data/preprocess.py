@@ -1,0 +1,289 @@
+"""Preprocessing of paper 001 (Methods, "Dataset"), each step optional and recorded in a run's config.
+
+Steps, in order, on a canonical ``(A, I, L)`` volume ``(n_coronal, rows, cols)``:
+
+1. **Crop** to the central ``crop_slices`` coronal slices (paper: the central 48 of 60, 7.2 cm,
+   covering the proximal femur). A volume with fewer slices is kept whole. When the surplus is
+   odd the extra slice is dropped at the anterior end (index ``start = (n - N) // 2``).
+2. **In-plane resampling** of every coronal slice to ``target_size = (rows, cols)``, or by
+   ``scale`` (a factor, 0.5 halves rows and columns); paper: 512 x 512 -> 256 x 256 with
+   bicubic spline interpolation. Images use ``scipy.ndimage.zoom(order=3)`` (a true cubic
+   B-spline, as in the paper, not PyTorch's cubic-convolution "bicubic"); labels use
+   per-class linear interpolation then argmax (``label_interp="linear"``: for a binary mask
+   that is linear-then-threshold at 0.5, smoother than nearest neighbour when downsampling)
+   or nearest neighbour. The zoom maps pixel *areas* (``grid_mode=True``): the resampled
+   pixel size is ``spacing * old / new`` and the field of view is unchanged, so
+   :func:`restore` is the exact geometric inverse.
+3. **Intensity normalisation**: ``"zscore"`` (default; mean 0, SD 1 over the cropped volume),
+   ``"percentile"`` (clip to the ``percentiles`` of the volume, e.g. (1, 99), then z-score),
+   ``"ct"`` (clip Hounsfield units to ``ct_window`` and scale it linearly to [0, 1]) or ``"none"``.
+   Normalisation runs after resampling (statistics of what the network sees).
+
+:func:`preprocess_image` returns the network input and a :class:`PrepInfo` that holds what
+is needed to go back: :func:`preprocess_label` applies the same crop and resampling to a
+label, :func:`restore` maps a prediction (probabilities or a mask) back onto the original
+grid, with background outside the cropped slices. Evaluation is always on the original grid
+against the original-resolution masks (paper 001: "against the original (512 x 512)
+hand-segmented masks").
+
+Defaults (``PreprocessConfig()``) are the CPU-friendly ones used by ``femurseg cv``;
+``PreprocessConfig.preset("paper")`` gives the paper's (48 slices, 256 x 256, z-score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from femurseg.errors import FemursegError
+
+NORMALISATIONS = ("zscore", "percentile", "ct", "none")
+LABEL_INTERPS = ("linear", "nearest")
+
+
+@dataclass
+class PreprocessConfig:
+    """What :func:`preprocess_image` does; every step can be switched off (``None`` / ``"none"``).
+
+    Attributes:
+        crop_slices: keep the central N coronal slices (None: keep all). Paper: 48.
+        target_size: in-plane size ``(rows, cols)`` after resampling (None: see ``scale``).
+        scale: in-plane zoom factor used when ``target_size`` is None (None or 1: no resampling).
+        normalise: "zscore", "percentile", "ct" or "none".
+        percentiles: (low, high) percentiles clipped before the z-score for "percentile".
+        ct_window: (low, high) Hounsfield window for "ct", mapped to [0, 1].
+        label_interp: "linear" (per-class linear, then argmax) or "nearest".
+    """
+
+    crop_slices: int | None = 48
+    target_size: tuple[int, int] | None = None
+    scale: float | None = 0.5
+    normalise: str = "zscore"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    ct_window: tuple[float, float] = (-200.0, 1800.0)
+    label_interp: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.target_size is not None:
+            self.target_size = tuple(int(v) for v in self.target_size)  # type: ignore[assignment]
+        self.percentiles = tuple(float(v) for v in self.percentiles)  # type: ignore[assignment]
+        self.ct_window = tuple(float(v) for v in self.ct_window)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`FemursegError` for an impossible configuration."""
+        if self.crop_slices is not None and int(self.crop_slices) < 1:
+            raise FemursegError(f"preprocessing: crop_slices={self.crop_slices} must be >= 1 (or None)")
+        if self.target_size is not None and (len(self.target_size) != 2 or min(self.target_size) < 2):
+            raise FemursegError(f"preprocessing: target_size={self.target_size} must be two sizes >= 2 (rows, cols)")
+        if self.scale is not None and not (0 < float(self.scale) <= 8):
+            raise FemursegError(f"preprocessing: scale={self.scale} must be in (0, 8]")
+        if self.normalise not in NORMALISATIONS:
+            raise FemursegError(f"preprocessing: normalise={self.normalise!r} is not one of {', '.join(NORMALISATIONS)}")
+        lo, hi = self.percentiles
+        if not (0 <= lo < hi <= 100):
+            raise FemursegError(f"preprocessing: percentiles={self.percentiles} must satisfy 0 <= low < high <= 100")
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise FemursegError(f"preprocessing: ct_window={self.ct_window} must be (low, high) with low < high")
+        if self.label_interp not in LABEL_INTERPS:
+            raise FemursegError(f"preprocessing: label_interp={self.label_interp!r} is not one of {', '.join(LABEL_INTERPS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> PreprocessConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FemursegError(f"preprocessing: unknown option(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str) -> PreprocessConfig:
+        """``"default"`` (CPU-friendly: 48 slices, in-plane x0.5, z-score), ``"paper"``
+        (48 slices, 256 x 256 bicubic spline, z-score) or ``"ct"`` (HU window -200..1800)."""
+        if name == "default":
+            return cls()
+        if name == "paper":
+            return cls(crop_slices=48, target_size=(256, 256), scale=None, normalise="zscore")
+        if name == "ct":
+            return cls(crop_slices=None, target_size=None, scale=None, normalise="ct")
+        raise FemursegError(f"preprocessing: unknown preset {name!r} (default, paper, ct)")
+
+
+@dataclass
+class PrepInfo:
+    """What :func:`preprocess_image` did to one volume (enough to undo the geometry).
+
+    Shapes are canonical ``(n_coronal, rows, cols)``; spacings in mm.
+    """
+
+    original_shape: tuple[int, int, int]
+    original_spacing: tuple[float, float, float]
+    slice_start: int
+    slice_stop: int
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def resampled(self) -> bool:
+        return self.shape[1:] != self.original_shape[1:]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrepInfo:
+        return cls(
+            tuple(d["original_shape"]), tuple(d["original_spacing"]), int(d["slice_start"]), int(d["slice_stop"]),
+            tuple(d["shape"]), tuple(d["spacing"]), dict(d.get("stats", {})),
+        )
+
+
+def plan(shape: tuple[int, ...], spacing: tuple[float, ...], cfg: PreprocessConfig) -> PrepInfo:
+    """The geometry :func:`preprocess_image` will produce for a volume of ``shape`` (no data)."""
+    if len(shape) != 3:
+        raise FemursegError(f"preprocessing: expected a 3D volume, got shape {tuple(shape)}")
+    n, h, w = (int(s) for s in shape)
+    keep = n if cfg.crop_slices is None else min(int(cfg.crop_slices), n)
+    start = (n - keep) // 2
+    if cfg.target_size is not None:
+        th, tw = cfg.target_size
+    elif cfg.scale is not None and float(cfg.scale) != 1.0:
+        th, tw = max(2, int(round(h * cfg.scale))), max(2, int(round(w * cfg.scale)))
+    else:
+        th, tw = h, w
+    sp = tuple(float(s) for s in spacing)
+    new_spacing = (sp[0], sp[1] * h / th, sp[2] * w / tw)
+    return PrepInfo((n, h, w), sp, start, start + keep, (keep, th, tw), new_spacing)
+
+
+def _zoom_inplane(arr: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
+    """Resample the last two axes of ``arr`` (..., H, W) to ``size`` (area-aligned grids)."""
+    h, w = arr.shape[-2:]
+    if (h, w) == tuple(size):
+        return arr
+    factors = (1.0,) * (arr.ndim - 2) + (size[0] / h, size[1] / w)
+    out = ndimage.zoom(arr, factors, order=order, mode="reflect", grid_mode=True, prefilter=order > 1)
+    if out.shape[-2:] != tuple(size):  # floating-point rounding in zoom's output shape
+        raise AssertionError(f"zoom produced {out.shape[-2:]}, expected {size}")
+    return out
+
+
+def preprocess_image(data: np.ndarray, spacing: tuple[float, float, float], cfg: PreprocessConfig) -> tuple[np.ndarray, PrepInfo]:
+    """Crop, resample in-plane and normalise one canonical image.
+
+    Args:
+        data: canonical ``(n_coronal, rows, cols)`` image (any real dtype).
+        spacing: mm per canonical axis.
+        cfg: the steps to apply.
+
+    Returns:
+        ``(array, info)``: float32 ``info.shape`` array and the :class:`PrepInfo` for
+        :func:`preprocess_label` and :func:`restore`.
+    """
+    info = plan(data.shape, spacing, cfg)
+    arr = np.asarray(data[info.slice_start:info.slice_stop], dtype=np.float32)
+    arr = _zoom_inplane(arr, info.shape[1:], order=3)
+    arr, info.stats = normalise(arr, cfg)
+    return np.ascontiguousarray(arr, dtype=np.float32), info
+
+
+def normalise(arr: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[str, float]]:
+    """Intensity normalisation of ``cfg.normalise``; returns the array and the statistics used."""
+    arr = arr.astype(np.float32, copy=False)
+    if cfg.normalise == "none":
+        return arr, {}
+    if cfg.normalise == "ct":
+        lo, hi = cfg.ct_window
+        return ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32), {"low": lo, "high": hi}
+    stats: dict[str, float] = {}
+    if cfg.normalise == "percentile":
+        lo, hi = (float(v) for v in np.percentile(arr, cfg.percentiles))
+        arr = np.clip(arr, lo, hi)
+        stats.update(clip_low=lo, clip_high=hi)
+    mean = float(arr.mean(dtype=np.float64))
+    std = float(arr.std(dtype=np.float64))
+    stats.update(mean=mean, std=std)
+    return ((arr - mean) / max(std, 1e-6)).astype(np.float32), stats
+
+
+def preprocess_label(label: np.ndarray, info: PrepInfo, cfg: PreprocessConfig | None = None,
+                     num_classes: int | None = None) -> np.ndarray:
+    """Apply the crop and in-plane resampling of ``info`` to a label (uint8, same shape as the image).
+
+    ``cfg.label_interp`` "linear" (default) interpolates each class's indicator linearly and
+    takes the argmax (binary: linear-then-threshold at 0.5); "nearest" uses nearest neighbour.
+    ``num_classes`` defaults to ``label.max() + 1``.
+    """
+    if tuple(label.shape) != info.original_shape:
+        raise FemursegError(f"label shape {tuple(label.shape)} differs from the image shape {info.original_shape}")
+    lab = np.asarray(label[info.slice_start:info.slice_stop]).astype(np.uint8, copy=False)
+    interp = cfg.label_interp if cfg is not None else "linear"
+    return resample_label(lab, info.shape[1:], interp, num_classes)
+
+
+def resample_label(lab: np.ndarray, size: tuple[int, int], interp: str = "linear",
+                   num_classes: int | None = None) -> np.ndarray:
+    """Resample the last two axes of an integer label ``(..., H, W)`` to ``size`` (uint8 out).
+
+    "linear": each class indicator is interpolated linearly and the argmax taken (binary:
+    linear-then-threshold at 0.5); "nearest": nearest neighbour.
+    """
+    lab = np.asarray(lab).astype(np.uint8, copy=False)
+    if tuple(lab.shape[-2:]) == tuple(size):
+        return np.ascontiguousarray(lab)
+    if interp == "nearest":
+        return np.ascontiguousarray(_zoom_inplane(lab, size, order=0).astype(np.uint8))
+    n_cls = max(2, int(num_classes or (int(lab.max()) + 1)))
+    if n_cls == 2:
+        fg = _zoom_inplane((lab > 0).astype(np.float32), size, order=1)
+        return (fg >= 0.5).astype(np.uint8)
+    scores = np.stack([_zoom_inplane((lab == c).astype(np.float32), size, order=1) for c in range(n_cls)])
+    return scores.argmax(axis=0).astype(np.uint8)
+
+
+def restore(pred: np.ndarray, info: PrepInfo, order: int = 1) -> np.ndarray:
+    """Map a prediction on the preprocessed grid back onto the original grid.
+
+    Args:
+        pred: ``info.shape`` (D, H, W) probability map / mask, or ``(C, D, H, W)`` class
+            probabilities.
+        info: from :func:`preprocess_image`.
+        order: spline order of the in-plane resampling (1 linear for probabilities,
+            0 nearest for masks; 3 is clipped to [0, 1] for float input).
+
+    Returns:
+        ``info.original_shape`` array (or ``(C, *original_shape)``) of ``pred``'s dtype:
+        background outside the cropped slices (0; for ``(C, ...)`` input channel 0 is 1 there).
+    """
+    pred = np.asarray(pred)
+    multi = pred.ndim == 4
+    if tuple(pred.shape[-3:]) != info.shape:
+        raise FemursegError(f"prediction shape {tuple(pred.shape[-3:])} differs from the preprocessed shape {info.shape}")
+    dtype = pred.dtype
+    size = info.original_shape[1:]
+    if not np.issubdtype(dtype, np.floating):  # a mask / label map
+        if multi:
+            raise FemursegError("restore: a (C, D, H, W) prediction must be floating point")
+        up = resample_label(pred, size, "linear" if order > 0 else "nearest").astype(dtype)
+    else:
+        up = _zoom_inplane(pred, size, order=order)
+        if order > 1:
+            up = np.clip(up, 0.0, 1.0)
+    lead = (pred.shape[0],) if multi else ()
+    out = np.zeros(lead + info.original_shape, dtype=dtype)
+    if multi:
+        out[0] = 1
+    out[..., info.slice_start:info.slice_stop, :, :] = up.astype(dtype, copy=False)
+    return out
