@@ -105,6 +105,56 @@ def models(
         typer.echo(f"{'':<{w}}  {'':>12}  {r['options']}")
 
 
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run folder written by femurseg train / cv."),
+    inputs: list[Path] = typer.Option(..., "-i", "--input", help="Scan: NIfTI/NRRD/MHA file or DICOM series folder. "
+                                      "Batch mode: -i several times, a .txt list (one path per line) or a folder of scans."),
+    output: Path = typer.Option(..., "-o", "--output", help="Mask (uint8, .nii.gz/.nrrd/.mha) on the scan's grid; "
+                                "batch mode: a folder (one <case>.nii.gz per scan)."),
+    prob: Optional[Path] = typer.Option(None, "--prob", help="Also write the femur probability map (float32); batch mode: a folder."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="pr | youden (stored by cv) | otsu | a number in [0, 1]. "
+                                            "Default: pr if the run stores it, else 0.5."),
+    postprocess: str = typer.Option("lcc", "--postprocess", help="none | lcc | lcc+fill | lcc+fill+open (lcc: largest 3D component)."),
+    min_size: float = typer.Option(0.0, "--min-size", help="First remove components smaller than this (mm^3)."),
+    folds: str = typer.Option("all", "--folds", help="all (average the fold models) or one fold number K."),
+    tta: str = typer.Option("none", "--tta", help="none | flip (average with the left-right mirrored scan)."),
+    engine: str = typer.Option("torch", "--engine", help="torch | onnx (ONNX Runtime; RUN/fold_<k>/model.onnx, exported on first use)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model file for --engine onnx (with --folds K)."),
+    tiles: int = typer.Option(9, "--tiles", help="Mirrored tiles per slice for unpadded 2D U-Nets (9: paper 001, 49: paper 002)."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write a DICOM SEG (DICOM input) as <output stem>.dcm."),
+    dicom_seg_out: Optional[Path] = typer.Option(None, "--dicom-seg-out", help="Path of the DICOM SEG (implies --dicom-seg)."),
+    preview: bool = typer.Option(False, "--preview", help="Also write <output stem>_preview.png (coronal slices with the outline)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Segment the proximal femur in a scan (or a batch of scans) with a trained run.
+
+    Exit status: 0 done; 1 nothing done (bad run, input or output); 2 batch finished but some scans failed.
+    """
+    from femurseg.predict import predict_command
+
+    code = predict_command(run, inputs, output, prob=prob, threshold=threshold, postprocess=postprocess,
+                           min_size_mm3=min_size, folds=folds, tta=tta, engine=engine, onnx_path=onnx, tiles=tiles,
+                           dicom_seg=dicom_seg, dicom_seg_out=dicom_seg_out, preview=preview, device=device,
+                           progress=not quiet, echo=typer.echo)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder written by femurseg train / cv."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Output .onnx file (one fold). Default: RUN/fold_<k>/model.onnx for each fold."),
+    fold: str = typer.Option("all", "--fold", help="all or one fold number K."),
+) -> None:
+    """Export fold models to ONNX (dynamic input size) for ONNX Runtime and predict --engine onnx."""
+    from femurseg.export import export_run
+
+    for p in export_run(run, onnx, fold):
+        typer.echo(f"wrote {p}")
+
+
 def main() -> None:
     """Console entry point."""
     try:

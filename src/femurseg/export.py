@@ -169,3 +169,49 @@ class OnnxModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, providers={self.providers}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+
+
+def default_onnx_path(run_dir: str | os.PathLike, fold: int) -> Path:
+    """Where ``femurseg export`` and ``--engine onnx`` keep fold ``fold``'s model: ``RUN/fold_<k>/model.onnx``."""
+    return Path(run_dir) / f"fold_{int(fold)}" / ONNX_NAME
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+               fold: str | int | None = None) -> list[Path]:
+    """Export a run's fold models to ONNX (``femurseg export``).
+
+    Args:
+        run_dir: a run folder (:func:`femurseg.run.load_run`).
+        out: the ``.onnx`` file; needs a single fold (``fold`` given or a one-fold run).
+            None: every chosen fold to ``RUN/fold_<k>/model.onnx`` (where ``--engine onnx`` looks).
+        fold: "all"/None (every fold) or one fold number.
+
+    Returns:
+        the written files.
+    """
+    from femurseg.predict import parse_folds
+    from femurseg.run import load_run
+
+    run = load_run(run_dir)
+    folds = parse_folds(fold, list(range(run.k)), run.path)
+    if out is not None:
+        if len(folds) != 1:
+            raise FemursegError(f"{out}: the run has {len(folds)} folds; choose one with --fold K, "
+                                f"or leave out --onnx to write RUN/fold_<k>/{ONNX_NAME} for each")
+        paths = [Path(out)]
+    else:
+        paths = [default_onnx_path(run.path, k) for k in folds]
+    for p in paths:  # fail on an unwritable destination before exporting anything
+        parent = p.parent if str(p.parent) else Path(".")
+        if not p.name.lower().endswith(".onnx"):
+            raise FemursegError(f"{p}: ONNX output must end in .onnx")
+        if not parent.is_dir():
+            raise FemursegError(f"{p}: output folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise FemursegError(f"{p}: output folder {parent} is not writable")
+    models = run.load_models(folds, "cpu")
+    return [export_onnx(m, p) for m, p in zip(models, paths)]
