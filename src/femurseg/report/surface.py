@@ -69,7 +69,8 @@ def surface_mesh(
         max_faces: coarsen (marching-cubes ``step_size``) until the mesh has at most about
             this many faces (rendering cost); None keeps full resolution.
         smooth_sigma_mm: Gaussian smoothing (mm) of the mask before the iso-surface,
-            to soften the voxel staircase in renderings (0 = exact voxel surface).
+            to soften the voxel staircase in renderings (0 = exact voxel surface). Voxels
+            of the mask are kept inside the surface, so small components never vanish.
 
     Returns:
         :class:`Mesh` with ``verts`` in mm along ``(A, I, L)``; empty (0 faces) for an empty mask.
@@ -84,7 +85,11 @@ def surface_mesh(
     if smooth_sigma_mm > 0:
         from scipy.ndimage import gaussian_filter
 
+        inside = sub > 0.5
         sub = gaussian_filter(sub, sigma=[smooth_sigma_mm / s for s in spacing])
+        # every mask voxel stays inside the surface: smoothing rounds the staircase but never
+        # erases small components (false-positive islands are what the panel must show)
+        sub[inside] = np.maximum(sub[inside], 0.55)
     offset = np.array([b.start - 1 for b in box], dtype=float) * np.asarray(spacing, dtype=float)
     step = 1
     while True:
@@ -277,7 +282,7 @@ def draw_surface(ax, mesh: Mesh, vmax: float, cmap: str = DISTANCE_CMAP, elev: f
     centre, half = (lo + hi) / 2, (hi - lo).max() / 2 * 0.85
     for setter, c in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), centre):
         setter(c - half, c + half)
-    ax.set_box_aspect((1, 1, 1))
+    ax.set_box_aspect((1, 1, 1), zoom=1.25)
 
 
 def render_surface(
