@@ -155,6 +155,47 @@ def export(
         typer.echo(f"wrote {p}")
 
 
+@app.command()
+def evaluate(
+    out: Path = typer.Option(..., "--out", help="Per-case results CSV (one row per case); RESULTS_summary.csv (volume MAE/RMSE/RE) and RESULTS_stats.csv are written beside it."),
+    pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted masks <case>.nii.gz."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="Reference labels: folder of <case>.nii.gz, nnU-Net dataset (labelsTr) or CSV manifest. With --run: overrides the run's dataset."),
+    prob: Optional[Path] = typer.Option(None, "--prob", help="Folder of probability maps <case>.nii.gz (adds per-case AUC and AP)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Cross-validation run folder: evaluate its out-of-fold predictions at the stored PR threshold."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="--run only: pr (default), youden or a number."),
+    postprocess: Optional[str] = typer.Option(None, "--postprocess", help="--run only: none, lcc, lcc+fill, lcc+fill+open (default: the run's)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Metrics per case (DSC, precision, recall, ASD, MSD, HD95, volumes, AUC/AP) of masks or a cv run."""
+    from femurseg.evaluate import evaluate_command, format_report
+
+    rows, paths = evaluate_command(out, pred=pred, gt=gt, prob=prob, run=run, threshold=threshold,
+                                   postprocess=postprocess, progress=not quiet)
+    typer.echo(format_report(rows))
+    typer.echo(f"wrote {paths['results']}, {paths['summary'].name}, {paths['stats'].name}")
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Cross-validation run folders (or per-case results CSVs of femurseg evaluate); the first is the reference model."),
+    out: Path = typer.Option(..., "--out", help="Report folder: CSV tables, PNG figures, meshes and report.html."),
+    metric: str = typer.Option("ap", "--metric", help="Per-case metric of the Wilcoxon/Holm table (ap as in paper 001 Table 4, or dsc, asd_mm, ...)."),
+    names: Optional[str] = typer.Option(None, "--names", help="Comma-separated display names, one per run."),
+    cases: Optional[str] = typer.Option(None, "--cases", help="Comma-separated cases for the figure panels (default: best, median and worst DSC of the first run)."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="Reference labels overriding the runs' datasets."),
+    postprocess: Optional[str] = typer.Option(None, "--postprocess", help="Post-processing for every run (none, lcc, ...; default: each run's)."),
+    no_panels: bool = typer.Option(False, "--no-panels", help="Skip the case panels and 3D surfaces."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Compare runs on their common cases: Tables 1-4, ROC/PR, box plots, volume agreement, case panels, report.html."""
+    from femurseg.compare import format_headline, run_compare
+
+    split = lambda t: [x.strip() for x in t.split(",") if x.strip()] if t else None  # noqa: E731
+    hl = run_compare(runs, out, names=split(names), metric=metric, cases=split(cases), gt=gt,
+                     postprocess=postprocess, panels=not no_panels, progress=not quiet)
+    typer.echo(format_headline(hl))
+
+
 def main() -> None:
     """Console entry point."""
     try:

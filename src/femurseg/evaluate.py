@@ -605,3 +605,40 @@ def format_report(rows: Sequence[Mapping[str, Any]]) -> str:
 def iter_rows_values(rows: Iterable[Mapping[str, Any]], key: str) -> np.ndarray:
     """Column ``key`` of ``rows`` as a float array (missing -> nan)."""
     return np.array([float(r.get(key, math.nan)) if r.get(key, "") != "" else math.nan for r in rows], dtype=float)
+
+
+def evaluate_command(
+    out: str | os.PathLike, *, pred: str | os.PathLike | None = None, gt: str | os.PathLike | None = None,
+    prob: str | os.PathLike | None = None, run: str | os.PathLike | None = None,
+    threshold: str | float | None = None, postprocess: str | None = None, progress: bool = True,
+    notify: Notify = _stderr,
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """What ``femurseg evaluate`` does: check the options, evaluate, write the CSVs.
+
+    Exactly one of ``pred`` (with ``gt``) or ``run`` must be given. Returns the rows and the
+    written paths (``results``, ``summary``, ``stats``).
+    """
+    if (pred is None) == (run is None):
+        raise FemursegError("evaluate: give either --pred DIR --gt DIR [--prob DIR] or --run RUN [--gt DIR]")
+    outp = Path(out)
+    if not outp.name.lower().endswith(".csv"):
+        raise FemursegError(f"{outp}: --out must be a .csv file")
+    if not (outp.parent if str(outp.parent) else Path(".")).is_dir():
+        raise FemursegError(f"{outp}: output folder {outp.parent} does not exist")
+    if pred is not None:
+        if gt is None:
+            raise FemursegError("evaluate: --pred needs --gt (reference labels: folder, nnU-Net dataset or manifest)")
+        if threshold is not None or postprocess is not None:
+            raise FemursegError("evaluate: --threshold and --postprocess apply to --run only (masks are given)")
+        rows = evaluate_folders(pred, gt, prob, progress=progress, notify=notify)
+    else:
+        if prob is not None:
+            raise FemursegError("evaluate: --prob applies to --pred only (a run has its own probability maps)")
+        thr: str | float | None = threshold
+        if isinstance(threshold, str):
+            try:
+                thr = float(threshold)
+            except ValueError:
+                thr = threshold
+        rows = evaluate_run(run, gt, threshold=thr, postprocess=postprocess, progress=progress, notify=notify).rows
+    return rows, write_results(rows, outp)
