@@ -49,7 +49,8 @@ def test_stars_thresholds(p, s):
 def test_wilcoxon_holm_rows_match_scipy_and_holm():
     rng = np.random.default_rng(0)
     base = rng.normal(0.95, 0.01, 20)
-    table = {"2d": base - 0.01 + rng.normal(0, 0.003, 20), "3d": base, "3d-dil": base + 0.004 + rng.normal(0, 0.003, 20)}
+    table = {"2d": base - 0.01 + rng.normal(0, 0.003, 20), "3d": base,
+             "3d-dil": base + 0.004 + rng.normal(0, 0.003, 20)}
     rows = S.wilcoxon_holm(table)
     assert [(r["model_a"], r["model_b"]) for r in rows] == [("2d", "3d"), ("2d", "3d-dil"), ("3d", "3d-dil")]
     raw = []

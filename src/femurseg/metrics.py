@@ -77,6 +77,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ap_from_curves",
+    "auc_from_curves",
     "average_precision",
     "confusion",
     "curves_from_counts",
@@ -352,7 +354,9 @@ def _surface_summary(d_pr: np.ndarray, d_rp: np.ndarray) -> dict[str, float]:
     return {"asd": asd, "msd": msd, "hd95": hd95}
 
 
-def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], method: str = "shell") -> dict[str, float]:
+def surface_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], method: str = "shell"
+) -> dict[str, float]:
     """Surface metrics in mm: ``asd`` (average symmetric), ``msd`` (Hausdorff), ``hd95``.
 
     Definitions and empty-mask rules (both empty -> 0.0, one empty -> inf) in the
@@ -440,23 +444,25 @@ def histogram_counts(prob: np.ndarray, ref: np.ndarray, n_bins: int = 1001) -> t
     Bin ``k`` holds the voxels with ``t_k <= prob < t_{k+1}`` where ``t_k = k / (n_bins - 1)``
     (the last bin holds ``prob == 1``). Counts of several cases can be summed and
     passed to :func:`curves_from_counts`; the result is exact at the grid thresholds.
-    ``prob`` must lie in [0, 1].
+    ``prob`` must lie in [0, 1]. Comparisons use the map's own precision (for a
+    float32 map, ``t_k`` rounded to float32, exactly as ``prob >= t_k`` rounds it).
     """
     if n_bins < 2:
         raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-    (p, r), = _prob_ref_pairs(prob, ref)
+    ((p, r),) = _prob_ref_pairs(prob, ref)
     if p.size and (p.min() < 0 or p.max() > 1):
         raise ValueError("histogram curves need probabilities in [0, 1]")
-    p = p.astype(np.float64, copy=False)
-    grid = np.arange(n_bins, dtype=np.float64) / (n_bins - 1)
-    k = np.floor(p * (n_bins - 1)).astype(np.int64)
-    np.clip(k, 0, n_bins - 1, out=k)
-    k -= grid[k] > p  # repair rounding so that grid[k] <= p < grid[k+1] holds exactly
-    up = np.minimum(k + 1, n_bins - 1)
-    k += (k + 1 < n_bins) & (grid[up] <= p)
-    pos = np.bincount(k[r], minlength=n_bins).astype(np.int64)
-    neg = np.bincount(k[~r], minlength=n_bins).astype(np.int64)
-    return pos, neg
+    # work in the map's own precision: the grid is rounded to it exactly as ``prob >= t`` would round t
+    dt = p.dtype if p.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    p = p.astype(dt, copy=False)
+    grid = (np.arange(n_bins, dtype=np.float64) / (n_bins - 1)).astype(dt)
+    k = (p * dt.type(n_bins - 1)).astype(np.int64)  # truncation = floor for p >= 0
+    np.minimum(k, n_bins - 1, out=k)
+    k -= grid[k] > p  # repair rounding so that grid[k] <= p < grid[k + 1] holds exactly
+    k += (k < n_bins - 1) & (grid[np.minimum(k + 1, n_bins - 1)] <= p)
+    k += r * n_bins  # one bincount for both classes
+    counts = np.bincount(k, minlength=2 * n_bins).astype(np.int64)
+    return counts[n_bins:], counts[:n_bins]
 
 
 def _curves(thr: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> dict[str, Any]:
@@ -502,9 +508,11 @@ def roc_pr_curves(prob: Any, ref: Any, n_bins: int | None = None) -> dict[str, A
     (cases pooled voxel-wise). A voxel is positive at threshold ``t`` iff ``prob >= t``.
 
     ``n_bins=None`` (default): exact, one operating point per distinct probability
-    value (sorting, O(N log N); about 1 s per 1e7 voxels). ``n_bins=int``: the
-    thresholds ``k / (n_bins - 1)`` via histograms accumulated case by case (no
-    concatenation; for pooling many large cases), exact at those thresholds.
+    value (sorting, O(N log N); about 1 s per 1e7 voxels); cases are reduced to
+    (distinct value, positive count, negative count) one at a time and merged, so
+    memory grows with the number of distinct values, not voxels. ``n_bins=int``:
+    the thresholds ``k / (n_bins - 1)`` via histograms accumulated case by case,
+    exact at those thresholds (constant memory; for pooling many large cases).
 
     Returns a dict with 1-D arrays ordered by decreasing threshold: ``thresholds``,
     ``tp``, ``fp``, ``fpr``, ``tpr``, ``precision``, ``recall`` (= ``tpr``), plus
@@ -521,28 +529,56 @@ def roc_pr_curves(prob: Any, ref: Any, n_bins: int | None = None) -> dict[str, A
             pos += cp
             neg += cn
         return curves_from_counts(pos, neg)
-    if len(pairs) == 1:
-        p, r = pairs[0]
-    else:
-        p = np.concatenate([a for a, _ in pairs])
-        r = np.concatenate([b for _, b in pairs])
-    if p.size == 0:
+    acc = None
+    for p, r in pairs:  # exact counts per distinct value, merged case by case (no concatenation)
+        part = _value_counts(p, r)
+        acc = part if acc is None else _merge_counts(acc, part)
+    values, pos, neg = acc
+    if values.size == 0:
         raise ValueError("empty probability map")
-    pos = np.sort(p[r])
-    neg = np.sort(p[~r])
-
-    def _unique_sorted(a: np.ndarray) -> np.ndarray:
-        if a.size == 0:
-            return a
-        return a[np.r_[True, a[1:] != a[:-1]]]
-
-    thr = np.union1d(_unique_sorted(pos), _unique_sorted(neg))[::-1]
-    tp = pos.size - np.searchsorted(pos, thr, side="left")
-    fp = neg.size - np.searchsorted(neg, thr, side="left")
-    return _curves(thr.astype(np.float64), tp, fp, pos.size, neg.size)
+    return _curves(values[::-1].copy(), np.cumsum(pos[::-1]), np.cumsum(neg[::-1]), int(pos.sum()), int(neg.sum()))
 
 
-def _auc_from_curves(c: Mapping[str, Any]) -> float:
+def _run_lengths(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of a sorted array and how often each occurs."""
+    if a.size == 0:
+        return np.zeros(0, np.float64), np.zeros(0, np.int64)
+    start = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    return a[start].astype(np.float64), np.diff(np.r_[start, a.size]).astype(np.int64)
+
+
+def _merge_counts(
+    a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge two ``(ascending distinct values, pos_counts, neg_counts)`` triples (linear merge)."""
+    if a[0].size < b[0].size:
+        a, b = b, a
+    total = a[0].size + b[0].size
+    ins = np.searchsorted(a[0], b[0], side="left") + np.arange(b[0].size)  # b's slots in the merged order
+    from_a = np.ones(total, dtype=bool)
+    from_a[ins] = False
+    merged = []
+    for xa, xb in zip(a, b):
+        out = np.empty(total, dtype=np.result_type(xa, xb))
+        out[ins] = xb
+        out[from_a] = xa
+        merged.append(out)
+    v, pos, neg = merged
+    if total == 0:
+        return v, pos, neg
+    start = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+    return v[start], np.add.reduceat(pos, start), np.add.reduceat(neg, start)
+
+
+def _value_counts(p: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ascending distinct values of ``p`` (float64) with the number of positive / negative voxels."""
+    vp, cp = _run_lengths(np.sort(p[r]))
+    vn, cn = _run_lengths(np.sort(p[~r]))
+    return _merge_counts((vp, cp, np.zeros_like(cp)), (vn, np.zeros_like(cn), cn))
+
+
+def auc_from_curves(c: Mapping[str, Any]) -> float:
+    """ROC AUC (trapezoidal, from (0, 0)) of a :func:`roc_pr_curves` / :func:`curves_from_counts` dict."""
     if c["n_pos"] == 0 or c["n_neg"] == 0:
         return math.nan
     x = np.r_[0.0, c["fpr"]]
@@ -550,11 +586,16 @@ def _auc_from_curves(c: Mapping[str, Any]) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _ap_from_curves(c: Mapping[str, Any]) -> float:
+def ap_from_curves(c: Mapping[str, Any]) -> float:
+    """Step-wise average precision of a :func:`roc_pr_curves` / :func:`curves_from_counts` dict."""
     if c["n_pos"] == 0:
         return math.nan
     dr = np.diff(np.r_[0.0, c["recall"]])
     return float(np.sum(dr * c["precision"]))
+
+
+_auc_from_curves = auc_from_curves  # private aliases kept for existing callers
+_ap_from_curves = ap_from_curves
 
 
 def roc_auc(prob: Any, ref: Any, n_bins: int | None = None) -> float:
@@ -563,7 +604,7 @@ def roc_auc(prob: Any, ref: Any, n_bins: int | None = None) -> float:
     Same inputs as :func:`roc_pr_curves`. nan if the reference has no positive or
     no negative voxel (like MONAI's ``compute_roc_auc``).
     """
-    return _auc_from_curves(roc_pr_curves(prob, ref, n_bins=n_bins))
+    return auc_from_curves(roc_pr_curves(prob, ref, n_bins=n_bins))
 
 
 def average_precision(prob: Any, ref: Any, n_bins: int | None = None) -> float:
@@ -572,7 +613,7 @@ def average_precision(prob: Any, ref: Any, n_bins: int | None = None) -> float:
     Over decreasing thresholds with ``R_0 = 0`` (no trapezoidal interpolation).
     nan if the reference has no positive voxel.
     """
-    return _ap_from_curves(roc_pr_curves(prob, ref, n_bins=n_bins))
+    return ap_from_curves(roc_pr_curves(prob, ref, n_bins=n_bins))
 
 
 # --------------------------------------------------------------------------- per case
@@ -603,8 +644,8 @@ def evaluate_case(
         if prob.shape != p.shape:
             raise ValueError(f"prob shape {prob.shape} != mask shape {p.shape}")
         c = roc_pr_curves(prob, r)
-        row["auc"] = _auc_from_curves(c)
-        row["ap"] = _ap_from_curves(c)
+        row["auc"] = auc_from_curves(c)
+        row["ap"] = ap_from_curves(c)
     return row
 
 
