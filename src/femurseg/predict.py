@@ -187,12 +187,16 @@ def _infer_options(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_spacing(config: dict[str, Any]) -> tuple[float, float, float] | None:
-    """The training data's typical spacing (mm, canonical axes), if the run recorded it."""
-    for key in ("train_spacing", "spacing", "median_spacing"):
-        for section in (config, config.get("dataset") if isinstance(config.get("dataset"), dict) else {}):
-            v = section.get(key) if isinstance(section, dict) else None
-            if isinstance(v, (list, tuple)) and len(v) == 3:
-                return tuple(float(x) for x in v)  # type: ignore[return-value]
+    """The training data's typical voxel spacing (mm, canonical A, I, L axes), if the run recorded it.
+
+    Read from ``config["train_spacing"]``.
+    """
+    # NOTE for cv.py (training engineer): please record the median canonical spacing of the
+    # training cases as config["train_spacing"] = [s_ap, s_si, s_lr] (prepare_cases has every
+    # vol.spacing); until then runs have none and predict cannot warn about a spacing mismatch.
+    v = config.get("train_spacing")
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and x > 0 for x in v):
+        return tuple(float(x) for x in v)  # type: ignore[return-value]
     return None
 
 
@@ -553,13 +557,63 @@ def case_name(scan: Path) -> str:
 class BatchResult:
     results: list[CaseResult]
     failures: list[tuple[Path, str]]
+    skipped: list[Path] = field(default_factory=list)
+    """Scans whose outputs were already complete (``resume``): not segmented again."""
 
     @property
     def n_total(self) -> int:
-        return len(self.results) + len(self.failures)
+        return len(self.results) + len(self.failures) + len(self.skipped)
 
     def summary(self) -> str:
-        return f"segmented {len(self.results)} of {self.n_total} scans, {len(self.failures)} failed"
+        done = f", {len(self.skipped)} already done (skipped)" if self.skipped else ""
+        return f"segmented {len(self.results)} of {self.n_total} scans, {len(self.failures)} failed{done}"
+
+
+def outputs_complete(out: Outputs) -> bool:
+    """True when every output of a scan exists and its images read back (``--resume`` skips the scan).
+
+    Every file is written under a temporary name and renamed when complete, so an interrupted
+    run leaves either no final file or a whole one; reading the images back also catches files
+    damaged afterwards (those scans are segmented again).
+    """
+    if not all(p.is_file() for p in out.all()):
+        return False
+    try:
+        for p in (out.mask, out.prob):
+            if p is not None:
+                io.read_image(p)
+    except Exception:  # noqa: BLE001 - unreadable: not complete
+        return False
+    return True
+
+
+def batch_plan(scans: Sequence[Path], out_dir: str | os.PathLike, *, prob_dir: str | os.PathLike | None = None,
+               dicom_seg: bool = False, preview: bool = False) -> list[tuple[Path, Outputs]]:
+    """``(scan, outputs)`` of a batch: ``out_dir/<case>.nii.gz`` (+ probability map, SEG, preview);
+    creates the folders; raises FemursegError for bad folders or two scans with one case name."""
+    out = prepare_batch_folder(out_dir)
+    pdir = prepare_batch_folder(prob_dir, "probability map output") if prob_dir is not None else None
+    names = [case_name(s) for s in scans]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise FemursegError(f"batch: several scans would be written as {', '.join(dupes[:5])}{MASK_SUFFIX}; "
+                            f"give scans distinct names")
+    return [(scan, outputs_for(out / f"{name}{MASK_SUFFIX}", prob=None if pdir is None else pdir / f"{name}{MASK_SUFFIX}",
+                               dicom_seg=dicom_seg and scan.is_dir(), preview=preview))
+            for scan, name in zip(scans, names)]
+
+
+def predict_case(pred: Predictor, scan: Path, outs: Outputs, **options: Any) -> tuple[CaseResult | None, str | None]:
+    """One scan of a batch: ``(result, None)``, or ``(None, one-line error)`` when it fails (never raises
+    for a bad scan). ``options``: keyword arguments of :func:`predict_file`. Local and Ray batches both use it."""
+    try:
+        return predict_file(pred, scan, outs, **options), None
+    except FemursegError as exc:
+        return None, str(exc)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # one broken scan must not stop the batch
+        return None, f"{scan}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def prepare_batch_folder(folder: str | os.PathLike, what: str = "output") -> Path:
@@ -586,46 +640,38 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
                  prob_dir: str | os.PathLike | None = None, dicom_seg: bool = False, preview: bool = False,
                  threshold: str | float | None = None, postprocess: str = DEFAULT_POSTPROCESS,
                  min_size_mm3: float = 0.0, tta: str = "none", progress: bool = True,
-                 notify: Notify = _stderr_notice) -> BatchResult:
+                 notify: Notify = _stderr_notice, resume: bool = False) -> BatchResult:
     """Segment several scans into ``out_dir/<case>.nii.gz`` (plus ``<case>.nii.gz`` probability maps
     in ``prob_dir``, ``<case>.dcm`` SEGs for DICOM inputs, ``<case>_preview.png``).
 
     A scan that fails is reported through ``notify`` (one line) and skipped. Raises FemursegError only
-    for problems that stop the whole batch (output folders, duplicate case names).
+    for problems that stop the whole batch (output folders, duplicate case names). ``resume``: scans
+    whose outputs are already complete (:func:`outputs_complete`) are skipped.
     """
     from tqdm import tqdm
 
-    out = prepare_batch_folder(out_dir)
-    pdir = prepare_batch_folder(prob_dir, "probability map output") if prob_dir is not None else None
-    names = [case_name(s) for s in scans]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise FemursegError(f"batch: several scans would be written as {', '.join(dupes[:5])}{MASK_SUFFIX}; "
-                            f"give scans distinct names")
     results: list[CaseResult] = []
     failures: list[tuple[Path, str]] = []
-    bar = tqdm(list(zip(scans, names)), desc="predict", unit="scan", disable=not progress, file=sys.stderr)
-    for scan, name in bar:
-        outs = outputs_for(out / f"{name}{MASK_SUFFIX}", prob=None if pdir is None else pdir / f"{name}{MASK_SUFFIX}",
-                           dicom_seg=dicom_seg and scan.is_dir(), preview=preview)
-        try:
-            results.append(predict_file(pred, scan, outs, threshold=threshold, postprocess=postprocess,
-                                        min_size_mm3=min_size_mm3, tta=tta, notify=notify))
-        except FemursegError as exc:
-            failures.append((scan, str(exc)))
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:  # one broken scan must not stop the batch
-            failures.append((scan, f"{scan}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-        else:
+    skipped: list[Path] = []
+    bar = tqdm(batch_plan(scans, out_dir, prob_dir=prob_dir, dicom_seg=dicom_seg, preview=preview), desc="predict",
+               unit="scan", disable=not progress, file=sys.stderr)
+    for scan, outs in bar:
+        if resume and outputs_complete(outs):
+            skipped.append(scan)
             continue
-        msg = failures[-1][1]
+        res, err = predict_case(pred, scan, outs, threshold=threshold, postprocess=postprocess,
+                                min_size_mm3=min_size_mm3, tta=tta, notify=notify)
+        if res is not None:
+            results.append(res)
+            continue
+        failures.append((scan, err))
+        msg = err
         if progress:
             bar.write(f"femurseg: failed: {msg}", file=sys.stderr)
         else:
             notify(f"failed: {msg}")
     bar.close()
-    return BatchResult(results, failures)
+    return BatchResult(results, failures, skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,11 +705,18 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                     tta: str = "none", engine: str = "torch", onnx_path: str | os.PathLike | None = None,
                     tiles: int = DEFAULT_TILES, dicom_seg: bool = False, dicom_seg_out: str | os.PathLike | None = None,
                     preview: bool = False, device: str = "auto", progress: bool = True,
-                    echo: Callable[[str], None] = print, notify: Notify = _stderr_notice) -> int:
+                    echo: Callable[[str], None] = print, notify: Notify = _stderr_notice,
+                    backend: Any = "local", resume: bool = False) -> int:
     """``femurseg predict``: check everything cheap first, load the run once, segment; returns the exit status
-    (0, or :data:`EXIT_SOME_FAILED` when a batch finished with failures). Raises FemursegError otherwise."""
+    (0, or :data:`EXIT_SOME_FAILED` when a batch finished with failures). Raises FemursegError otherwise.
+
+    ``backend``: "local", "ray" or a :class:`femurseg.distributed.RayBackend` (batch mode: scans stream
+    through Ray actors holding the models). ``resume``: skip scans whose outputs are complete."""
+    from femurseg.distributed import resolve_backend
+
     check_options(threshold=threshold, postprocess=postprocess, tta=tta, tiles=tiles, engine=engine,
                   min_size_mm3=min_size_mm3)
+    backend = resolve_backend(backend)  # None: local; fails now if Ray is asked for but missing
     scans, batch = expand_inputs(list(inputs))
     common = dict(threshold=threshold, postprocess=postprocess, min_size_mm3=min_size_mm3, tta=tta, notify=notify)
     if batch:
@@ -686,14 +739,27 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
         from femurseg.thresholds import resolve_threshold
 
         resolve_threshold(threshold, pred.thresholds)  # fails now, not after the first inference
+    if threshold is None and pred.thresholds.get("pr") is None:  # say it once, not once per scan
+        notify(f"notice: {pred.run_dir} stores no PR threshold (femurseg cv writes one); using {FALLBACK_THRESHOLD}")
+        threshold = FALLBACK_THRESHOLD
+    common["threshold"] = threshold
     if not batch:
+        if resume and outputs_complete(outs):
+            echo(f"{outs.mask}: already done (--resume), skipped")
+            return 0
+        if backend is not None:
+            notify("notice: a single scan is segmented here, not on Ray (--backend ray is for batches)")
         r = predict_file(pred, scans[0], outs, **common)
         echo(f"wrote {r.outputs.mask}: femur {r.volume_cm3:.2f} cm^3 ({r.voxels} voxels) at threshold {r.threshold:.4g}")
         for extra in (r.outputs.prob, r.outputs.dicom_seg, r.outputs.preview):
             if extra is not None:
                 echo(f"wrote {extra}")
         return 0
-    res = predict_many(pred, scans, output, prob_dir=prob, dicom_seg=dicom_seg, preview=preview, progress=progress,
-                       **common)
+    kwargs = dict(prob_dir=prob, dicom_seg=dicom_seg, preview=preview, progress=progress, resume=resume, **common)
+    if backend is None:
+        res = predict_many(pred, scans, output, **kwargs)
+    else:
+        res = backend.predict_many(pred, scans, output, load=dict(folds=folds, engine=engine, device=device,
+                                                                  onnx_path=onnx_path), **kwargs)
     echo(res.summary())
     return EXIT_SOME_FAILED if res.failures else 0
