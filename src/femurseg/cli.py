@@ -196,6 +196,36 @@ def compare(
     typer.echo(format_headline(hl))
 
 
+@app.command()
+def measure(
+    mask: Path = typer.Argument(..., help="Label map: CT 0/1/2 (trabecular/cortical) or binary 0/1 (MR)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Image on the mask's grid (CT in HU): adds mean intensity per compartment."),
+    out: Path = typer.Option(..., "--out", help="CSV: one row per region (head, neck, trochanter, intertrochanter, combination) and total."),
+    regions_out: Optional[Path] = typer.Option(None, "--regions-out", help="Also write the region label map (1 head, 2 neck, 3 trochanter, 4 intertrochanter)."),
+    no_regions: bool = typer.Option(False, "--no-regions", help="Only the total row (no head/neck/trochanter split)."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="ct or mr (default: ct if the mask holds label 2); ct checks the image is in HU."),
+) -> None:
+    """Volumes (cm^3), cortical thickness (mm) and mean HU per femur region (paper 003 Fig. 7, Table 2)."""
+    import warnings
+
+    from femurseg.ct import HUWarning
+    from femurseg.measure import measure_files
+
+    if modality is not None and modality.lower() not in ("ct", "mr"):
+        raise FemursegError(f"--modality: expected ct or mr, got {modality!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HUWarning)
+        rows, fits = measure_files(mask, image, out, regions_out=regions_out, regions=not no_regions, modality=modality)
+    for w in caught:
+        typer.echo(f"femurseg: warning: {w.message}", err=True)
+    for f in fits:
+        typer.echo(f"{f['side']} femur: head radius {f['head_radius_mm']:.1f} mm, neck-shaft angle {f['neck_shaft_angle_deg']:.1f} deg")
+    for r in rows:
+        if r["region"] == "total":
+            typer.echo(f"{r['side'] or 'femur'} total volume {r['total_volume_cm3']:.2f} cm3")
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     """Console entry point."""
     try:

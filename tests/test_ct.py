@@ -1,0 +1,101 @@
+"""CT helpers (femurseg.ct): HU check, window, per-side femur crops, cascade glue."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from femurseg import ct
+from femurseg.data import phantom
+from femurseg.data.preprocess import PreprocessConfig, normalise
+from femurseg.errors import FemursegError
+
+
+@pytest.fixture(scope="module")
+def ct_case():
+    return phantom.generate_case(3, modality="ct", artefacts=False)
+
+
+@pytest.fixture(scope="module")
+def bilateral_case():
+    return phantom.generate_case(0, modality="ct", bilateral=True, artefacts=False)
+
+
+def test_hu_image_passes_silently(ct_case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ct.check_hu(ct_case.image, "ct.nii.gz") is True
+
+
+@pytest.mark.parametrize("transform,reason", [
+    (lambda a: (a + 1024.0) / 4096.0, "no bone above 300 HU"),   # scaled to [0, 1]
+    (lambda a: a + 1024.0, "no fat or air below -50 HU"),           # stored values, intercept missing
+    (lambda a: (a - a.mean()) / a.std(), "no bone above 300 HU"),   # z-scored
+])
+def test_non_hu_image_warns_with_observed_range(ct_case, transform, reason):
+    img = transform(ct_case.image.astype(np.float64))
+    with pytest.warns(ct.HUWarning, match="do not look like Hounsfield units") as rec:
+        assert ct.check_hu(img, "scan.nii.gz") is False
+    msg = str(rec[0].message)
+    assert msg.startswith("scan.nii.gz: ") and reason in msg
+    assert f"observed min {img.min():.4g}" in msg and f"max {img.max():.4g}" in msg
+
+
+def test_normalise_hu_is_the_preprocess_ct_window():
+    a = np.linspace(-1000, 3000, 101, dtype=np.float32).reshape(1, 1, -1)
+    out = ct.normalise_hu(a, (-200, 1800))
+    ref, _ = normalise(a, PreprocessConfig(crop_slices=None, scale=None, normalise="ct", ct_window=(-200, 1800)))
+    assert np.array_equal(out, ref) and out.min() == 0.0 and out.max() == 1.0
+
+
+def test_crop_box_round_trip_with_mirror_and_padding():
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(10, 12, 14)).astype(np.float32)
+    box = ct.CropBox("right", (-2, 3, 5), (6, 15, 12), full.shape, mirrored=True)
+    crop = box.crop(full, fill=-7)
+    assert crop.shape == (8, 12, 7)
+    assert np.all(crop[:2] == -7) and np.all(crop[:, 9:] == -7)  # outside the image: fill
+    assert np.array_equal(crop[2:, :9, ::-1], full[0:6, 3:12, 5:12])  # mirrored columns
+    back = box.paste(crop, fill=0)
+    inside = np.zeros(full.shape, bool)
+    inside[0:6, 3:12, 5:12] = True
+    assert np.array_equal(back[inside], full[inside]) and np.all(back[~inside] == 0)
+    # channels-first arrays (class probabilities) go through the same way
+    probs = np.stack([full, -full])
+    assert np.array_equal(box.paste(box.crop(probs))[:, inside], probs[:, inside])
+    assert ct.CropBox.from_dict(box.to_dict()) == box
+    with pytest.raises(FemursegError, match="shape"):
+        box.paste(crop[:-1])
+
+
+def test_single_hip_box_holds_the_femur(ct_case):
+    boxes = ct.femur_boxes(ct_case.image, ct_case.spacing)
+    assert len(boxes) == 1 and boxes[0].side == ct_case.meta["side"]
+    fem = ct_case.label > 0
+    assert boxes[0].crop(fem).sum() == fem.sum()
+    assert all(s % 16 == 0 or (a == 0 and b == n) for s, a, b, n in
+               zip(boxes[0].shape, boxes[0].start, boxes[0].stop, fem.shape))
+
+
+def test_bilateral_scan_gives_one_box_per_side(bilateral_case):
+    img, lab = bilateral_case.image, bilateral_case.label > 0
+    boxes = ct.femur_boxes(img, bilateral_case.spacing, mirror_to="left")
+    assert [b.side for b in boxes] == ["right", "left"]
+    assert boxes[0].mirrored and not boxes[1].mirrored
+    halves = ct.split_sides(lab)
+    assert set(halves) == {"right", "left"}
+    for b in boxes:
+        own, other = halves[b.side], halves["left" if b.side == "right" else "right"]
+        assert b.crop(own).sum() == own.sum()  # the whole femur is inside its box
+        assert b.crop(other).sum() == 0  # and nothing of the other one
+    # heads: the right femur lies at low columns
+    centres = {f["side"]: f["head_centre_mm"][2] for f in bilateral_case.meta["femurs"]}
+    assert centres["right"] < centres["left"]
+    assert np.nonzero(halves["right"])[2].mean() < np.nonzero(halves["left"])[2].mean()
+
+
+def test_no_bone_is_an_error():
+    with pytest.raises(FemursegError, match="no bone above"):
+        ct.find_femurs(np.full((8, 8, 8), 40.0, np.float32), (1.0, 1.0, 1.0))
