@@ -32,6 +32,7 @@ Presets: ``"default"`` is tuned so that ``femurseg cv DATASET --out RUN`` on the
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import time
@@ -215,6 +216,8 @@ def run_cv(
     overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
+    backend: Any = "local",
+    ddp: bool = False,
     _kind: str = "cv",
     _val_fraction: float = 0.2,
 ) -> CVResult:
@@ -236,9 +239,19 @@ def run_cv(
         overwrite: replace an existing run in ``out``.
         device: "cuda", "cpu" or None (auto).
         progress: show progress bars.
+        backend: where the folds train: "local" (one after the other, here), "ray" or a
+            :class:`femurseg.distributed.RayBackend` (one Ray task per fold; see that module).
+        ddp: this process is one rank of a ``torchrun`` job (DistributedDataParallel; rank 0
+            writes the run folder; see :mod:`femurseg.distributed`).
     """
+    from femurseg.distributed import init_ddp, resolve_backend
+
     t_start = time.perf_counter()
     out = Path(out)
+    backend = resolve_backend(backend)  # None: local; fails now if Ray is asked for but missing
+    dist = init_ddp(device) if ddp else None
+    if dist is not None:
+        device, progress = dist.device, progress and dist.is_main
     ds = load_checked(dataset, progress=progress)
     resuming = (resume and out.exists() and (out / CONFIG_NAME).exists())
     if resuming:
@@ -274,7 +287,9 @@ def run_cv(
         check_model_fits(cfgs["model"], shape, tcfg)
 
     # Every input check has passed: now (and only now) touch the output folder.
-    if not resuming:
+    if dist is not None:
+        dist.barrier()  # every rank has decided `resuming` before rank 0 creates the folder
+    if not resuming and (dist is None or dist.is_main):
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
         config = {
             "format": RUN_FORMAT, "version": RUN_VERSION, "kind": _kind,
@@ -282,39 +297,64 @@ def run_cv(
             "cases": [c.case_id for c in ds.cases], "preset": preset, **cfgs,
             "k": split.k, "seed": seed, "group_by": split.group_by, "inner_val": inner_val,
             "device": str(get_device(device)), "environment": environment(), "created": now_iso(),
+            **({"ddp": dist.describe(tcfg.batch_size)} if dist is not None else {}),
         }
         _create_run_dir(out, config, split)
+    if dist is not None:
+        dist.barrier()
     run = load_run(out)
-    inner_val = float(run.config.get("inner_val", inner_val))
 
-    from femurseg.models import build_model
-
-    all_ids = [c.case_id for c in ds.cases]
-    fold_results: list[dict[str, Any]] = []
-    for k in range(split.k):
-        train_ids = split.train_cases(k, all_ids)
-        val_ids = list(split.folds[k])
-        stop_ids = val_ids
-        if inner_val > 0:
-            inner = _inner_split(train_ids, ds, inner_val, derive_seed(seed, k, 999))
-            train_ids = [c for c in train_ids if c not in inner]
-            stop_ids = inner
-        if not train_ids:
-            raise FemursegError(f"{out}: fold {k} has no training cases")
-        desc = f"fold {k + 1}/{split.k} " if split.k > 1 else ""
-        fold_dir = run.fold_dir(k)
-        seed_everything(derive_seed(seed, k, 0))
-        model = build_model(cfgs["model"])
-        res: FitResult = fit(model, [prepared[c].sample for c in train_ids], [prepared[c].sample for c in stop_ids],
-                             tcfg, aug, fold_dir, seed=seed, fold=k, device=device, progress=progress, desc=desc)
-        fold_results.append({"fold": k, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
-                             "epochs": res.epochs, "train_seconds": round(res.seconds, 1)})
-        _write_oof(run, ds, prepared, val_ids, model, device, progress)
+    if backend is None:
+        fold_results = [train_fold(run, ds, prepared, k, device=device, progress=progress, dist=dist)
+                        for k in range(split.k)]
+    else:
+        fold_results = backend.train_folds(run, ds, prepared, list(range(split.k)), device=device, progress=progress)
+    if dist is not None and not dist.is_main:
+        dist.barrier()  # rank 0 evaluates and writes the summary
+        return CVResult(load_run(out), json.loads((out / "summary.json").read_text()))
     summary = finalize_run(run, ds, progress=progress)
     summary["folds"] = fold_results
     summary["seconds_total"] = round(time.perf_counter() - t_start, 1)
     write_json(out / "summary.json", summary)
+    if dist is not None:
+        dist.barrier()
     return CVResult(load_run(out), summary)
+
+
+def train_fold(run: Run, ds: Dataset, prepared: dict[str, Prepared], k: int, *, device: str | None = None,
+               progress: bool = True, dist: Any = None) -> dict[str, Any]:
+    """Train fold ``k`` of ``run`` into ``RUN/fold_<k>/`` and write its held-out cases' ``oof/`` maps.
+
+    Everything (configs, seed, split, ``inner_val``) comes from the run folder, so the local loop of
+    :func:`run_cv` and a Ray task (:mod:`femurseg.distributed`) run exactly this. Resumable and
+    idempotent: a finished fold returns at once, an interrupted one continues from its ``last.pt``,
+    existing ``oof/`` files are kept. ``dist``: the DDP process group (rank 0 writes). Returns the
+    fold's row of ``summary.json["folds"]``.
+    """
+    from femurseg.models import build_model
+
+    cfgs, seed, split = run.config, int(run.config.get("seed", 0)), run.split
+    inner_val = float(cfgs.get("inner_val", 0.0))
+    all_ids = [c.case_id for c in ds.cases]
+    train_ids = split.train_cases(k, all_ids)
+    val_ids = list(split.folds[k])
+    stop_ids = val_ids
+    if inner_val > 0:
+        inner = _inner_split(train_ids, ds, inner_val, derive_seed(seed, k, 999))
+        train_ids = [c for c in train_ids if c not in inner]
+        stop_ids = inner
+    if not train_ids:
+        raise FemursegError(f"{run.path}: fold {k} has no training cases")
+    desc = f"fold {k + 1}/{split.k} " if split.k > 1 else ""
+    seed_everything(derive_seed(seed, k, 0))
+    model = build_model(cfgs["model"])
+    res: FitResult = fit(model, [prepared[c].sample for c in train_ids], [prepared[c].sample for c in stop_ids],
+                         TrainConfig.from_dict(cfgs["train"]), AugmentConfig.from_dict(cfgs["augment"]),
+                         run.fold_dir(k), seed=seed, fold=k, device=device, progress=progress, desc=desc, dist=dist)
+    if dist is None or dist.is_main:
+        _write_oof(run, ds, prepared, val_ids, model, device, progress)
+    return {"fold": k, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
+            "epochs": res.epochs, "train_seconds": round(res.seconds, 1)}
 
 
 def _create_run_dir(out: Path, config: dict[str, Any], split: Split) -> None:

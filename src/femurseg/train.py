@@ -346,17 +346,20 @@ def _patch_classifier_batch(samples, items, model, cfg, rng):
             torch.from_numpy(np.concatenate(fracs)))
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits covering ``x``'s spatial size (unpadded nets get a mirrored border)."""
+def _forward(model: nn.Module, x: torch.Tensor, call: nn.Module | None = None) -> torch.Tensor:
+    """Logits covering ``x``'s spatial size (unpadded nets get a mirrored border).
+
+    ``call``: the module to run instead of ``model`` (its DistributedDataParallel wrapper)."""
+    call = model if call is None else call
     if is_patch_classifier(model):
-        return model(x)
+        return call(x)
     spatial = x.shape[2:]
     sizes = [input_size_for(model, int(s)) for s in spatial]
     if any(n != s for (n, _), s in zip(sizes, spatial)):
         x = mirror_pad(x, [(m, n - s - m) for (n, m), s in zip(sizes, spatial)])
-        out = model(x)
+        out = call(x)
         return out[(slice(None), slice(None), *[slice(0, int(s)) for s in spatial])]
-    return model(x)
+    return call(x)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -401,6 +404,7 @@ def fit(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "",
+    dist: Any = None,
 ) -> FitResult:
     """Train ``model`` in place; returns the history and the best epoch.
 
@@ -409,6 +413,11 @@ def fit(
     ``last.pt`` when it exists (a finished ``last.pt`` returns at once). The model's weights
     must already be initialised (the caller seeds with ``derive_seed(seed, fold, 0)``
     before building it). On return the model holds the **best** epoch's weights.
+
+    ``dist`` (:class:`femurseg.distributed.DDP`, under ``torchrun``): the model is wrapped in
+    DistributedDataParallel, each rank trains on its shard of every epoch's batches (effective
+    batch = ``batch_size`` x world size), losses and validation are averaged over the ranks, and
+    only rank 0 writes to ``out_dir``.
     """
     if not train:
         raise FemursegError("training: no training cases")
@@ -423,6 +432,8 @@ def fit(
     monitor = cfg.monitor if val else "train_loss"
     stopper = EarlyStopping(cfg.min_epochs, cfg.patience, cfg.min_delta, "max" if monitor == "dice" else "min")
     model.to(dev).train()
+    net = model if dist is None else dist.wrap(model)  # what the training step calls
+    writer = dist is None or dist.is_main
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dev.type == "cuda")
     loss_fn = get_loss(cfg.loss)
@@ -459,7 +470,8 @@ def fit(
             rng = np.random.default_rng(es)
             gen = torch.Generator().manual_seed(es)
             items = _epoch_items(train, model, cfg, rng)
-            batches = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+            batches = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)] if dist is None \
+                else dist.shard(items, cfg.batch_size)
             total = 0.0
             bar = tqdm(batches, desc=f"{desc}epoch {epoch}", unit="batch", leave=False, disable=not progress,
                        dynamic_ncols=True)
@@ -469,7 +481,7 @@ def fit(
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(dev, use_amp):
-                    logits = _forward(model, x)
+                    logits = _forward(model, x, net)
                 loss = loss_fn(logits, y, fractions=frac)
                 if not torch.isfinite(loss):
                     raise FemursegError(f"training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
@@ -481,7 +493,9 @@ def fit(
             bar.close()
             train_loss = total / max(len(batches), 1)
             val_loss = val_dice = float("nan")
-            if val:
+            if dist is not None:
+                train_loss, (val_loss, val_dice) = dist.mean(train_loss), dist.evaluate(evaluate, model, val, cfg, dev, use_amp)
+            elif val:
                 val_loss, val_dice = evaluate(model, val, cfg, dev, use_amp)
             value = {"dice": val_dice, "loss": val_loss, "train_loss": train_loss}[monitor]
             improved = stopper.update(epoch, value)
@@ -491,11 +505,11 @@ def fit(
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_dice": val_dice,
                             "lr": optimizer.param_groups[0]["lr"], "best_epoch": stopper.best_epoch,
                             "seconds": round(seconds, 3)})
-            if progress:
+            if progress and writer:
                 tqdm.write(f"{desc}epoch {epoch}: train loss {train_loss:.4f}"
                            + (f", val loss {val_loss:.4f}, val Dice {val_dice:.4f}" if val else "")
                            + (" *" if improved else "") + (" (stop)" if finished else ""))
-            if out is not None:
+            if out is not None and writer:
                 if improved:
                     save_checkpoint(out / "best.pt", _model_checkpoint(model, epoch, value, monitor))
                 save_checkpoint(out / "last.pt", {
@@ -509,6 +523,8 @@ def fit(
                                                 "best_metric": stopper.best, "monitor": monitor})
             elif improved:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if dist is not None:
+                dist.barrier()  # rank 0's checkpoints are complete before any rank reads them
     finally:
         torch.use_deterministic_algorithms(prev_det)
     # Leave the best weights in the model.
