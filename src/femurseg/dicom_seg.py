@@ -47,7 +47,8 @@ def read_source_datasets(volume: Volume) -> list:
 
     if not volume.dicom_files:
         src = volume.source or "input"
-        raise FemursegError(f"{src}: a DICOM SEG needs a DICOM series as input (got a {Path(src).suffix or 'non-DICOM'} image)")
+        kind = Path(src).suffix or "non-DICOM"
+        raise FemursegError(f"{src}: a DICOM SEG needs a DICOM series as input (got a {kind} image)")
     datasets = []
     for f in volume.dicom_files:
         try:
@@ -81,7 +82,8 @@ def build_segmentation(mask: np.ndarray, volume: Volume, *, series_description: 
         raise FemursegError(f"{volume.source}: {len(sources)} DICOM files but {native.shape[0]} slices in the volume")
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if native.shape[1:] != (rows, cols):
-        raise FemursegError(f"{volume.source}: DICOM frames are {rows}x{cols} but the volume slices are {native.shape[1:]}")
+        raise FemursegError(f"{volume.source}: DICOM frames are {rows}x{cols} "
+                            f"but the volume slices are {native.shape[1:]}")
 
     category, femur, family = _codes()
     algorithm = hd.AlgorithmIdentificationSequence(name="femurseg", family=family, version=__version__)

@@ -96,7 +96,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, atol: float = 1e-4
         for size in (size_a, size_b):
             diff = _max_diff(model, engine, size)
             if not diff <= atol:
-                raise FemursegError(f"{p}: ONNX export disagrees with PyTorch by {diff:.3g} (> {atol}) on input size {size}")
+                raise FemursegError(f"{p}: ONNX export disagrees with PyTorch by {diff:.3g} (> {atol}) "
+                                    f"on input size {size}")
     return p
 
 
