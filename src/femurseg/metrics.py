@@ -59,6 +59,9 @@ surface's voxel centres. ``method="edt"`` instead runs a dense Euclidean distanc
 transform of the other surface's complement over the cropped box with the ``edt``
 package (``anisotropy=spacing``; scipy's ``distance_transform_edt`` if ``edt`` is
 missing); both methods give the same distances (to float32 rounding of the EDT).
+On a femur-like 48 x 512 x 512 pair at (1.5, 0.234, 0.234) mm
+(``benchmarks/bench_metrics.py``) the shell method takes about 0.07 CPU-seconds for
+all three metrics, the dense EDT about 0.5 s and each MONAI call about 0.7 s.
 
 ROC / precision-recall curves (``prob`` is the foreground probability map):
 a voxel is predicted foreground at threshold ``t`` iff ``prob >= t`` (scikit-learn's
