@@ -545,3 +545,22 @@ def _destroy() -> None:
 
     if tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def backend_from_options(backend: str = "local", *, address: str | None = None, num_cpus: float = 1.0,
+                         num_gpus: float = 0.0, max_retries: int = 3, replicas: int | None = None) -> str | RayBackend:
+    """The ``backend`` argument of :func:`femurseg.cv.run_cv` / :func:`femurseg.predict.predict_command` from
+    the command-line options ``--backend --address --num-cpus --num-gpus --max-retries --replicas``.
+
+    Ray options with ``--backend local`` are refused (they would be silently ignored)."""
+    name = str(backend).strip().lower()
+    if name not in BACKENDS:
+        raise FemursegError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if name == "local":
+        given = [opt for opt, v, default in (("--address", address, None), ("--num-cpus", num_cpus, 1.0),
+                                             ("--num-gpus", num_gpus, 0.0), ("--max-retries", max_retries, 3),
+                                             ("--replicas", replicas, None)) if v != default]
+        if given:
+            raise FemursegError(f"{', '.join(given)}: only with --backend ray")
+        return "local"
+    return RayBackend(address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, replicas=replicas)
