@@ -127,14 +127,22 @@ def predict(
     preview: bool = typer.Option(False, "--preview", help="Also write <output stem>_preview.png (coronal slices with the outline)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    resume: bool = typer.Option(False, "--resume", help="Skip scans whose outputs already exist and read back (finish an interrupted batch)."),
+    backend: str = typer.Option("local", "--backend", help="local | ray (batch: stream the scans through Ray actors holding the models)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a Ray instance started here)."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="Ray: model replicas (default: as many as the cluster's CPUs/GPUs allow)."),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="Ray: CPUs per replica (also its torch threads)."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="Ray: GPUs per replica (fractions share a GPU)."),
 ) -> None:
     """Segment the proximal femur in a scan (or a batch of scans) with a trained run.
 
     Exit status: 0 done; 1 nothing done (bad run, input or output); 2 batch finished but some scans failed.
     """
+    from femurseg.distributed import backend_from_options
     from femurseg.predict import predict_command
 
-    code = predict_command(run, inputs, output, prob=prob, threshold=threshold, postprocess=postprocess,
+    be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, replicas=replicas)
+    code = predict_command(run, inputs, output, backend=be, resume=resume, prob=prob, threshold=threshold, postprocess=postprocess,
                            min_size_mm3=min_size, folds=folds, tta=tta, engine=engine, onnx_path=onnx, tiles=tiles,
                            dicom_seg=dicom_seg, dicom_seg_out=dicom_seg_out, preview=preview, device=device,
                            progress=not quiet, echo=typer.echo)
