@@ -178,7 +178,7 @@ def check_model_fits(model_cfg: dict[str, Any], shape: tuple[int, ...], train: T
         x = torch.zeros((1, model.in_channels, size, size))
     elif sd == 3:
         s = tuple(min(p, n) for p, n in zip(train.patch_size, shape)) if train.patch_size else tuple(shape)
-        x = torch.zeros((1, model.in_channels, *s))
+        x = torch.zeros((1, 1, *s))  # one image channel
     else:
         x = torch.zeros((1, model.in_channels, *shape[1:]))
     try:

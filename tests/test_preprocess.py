@@ -1,0 +1,176 @@
+"""Preprocessing (crop, in-plane resampling, normalisation), its inverse, and augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from femurseg.data.augment import AugmentConfig, augment
+from femurseg.data.preprocess import (
+    PrepInfo,
+    PreprocessConfig,
+    preprocess_image,
+    preprocess_label,
+    restore,
+)
+from femurseg.errors import FemursegError
+
+
+def _ellipsoid(shape=(20, 64, 60), centre=(10, 30, 28), radii=(7, 18, 12)) -> np.ndarray:
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    r = sum(((g - c) / r) ** 2 for g, c, r in zip((z, y, x), centre, radii))
+    return (r < 1).astype(np.uint8)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_identity_when_every_step_is_off():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(6, 10, 12)).astype(np.float32)
+    cfg = PreprocessConfig(crop_slices=None, target_size=None, scale=None, normalise="none")
+    out, info = preprocess_image(img, (1.5, 0.5, 0.5), cfg)
+    np.testing.assert_array_equal(out, img)
+    assert info.shape == info.original_shape == (6, 10, 12)
+    np.testing.assert_array_equal(restore(out, info), img)
+
+
+def test_crop_central_slices_and_geometry():
+    img = np.arange(60, dtype=np.float32)[:, None, None] * np.ones((60, 8, 8), np.float32)
+    cfg = PreprocessConfig(crop_slices=48, target_size=(4, 6), scale=None, normalise="none")
+    out, info = preprocess_image(img, (1.5, 0.25, 0.5), cfg)
+    assert out.shape == (48, 4, 6)
+    assert (info.slice_start, info.slice_stop) == (6, 54)  # the central 48 of 60 (paper 001)
+    np.testing.assert_allclose(out[:, 0, 0], np.arange(6, 54), atol=1e-4)
+    assert info.spacing == pytest.approx((1.5, 0.5, 8 * 0.5 / 6))
+    # odd surplus: the extra slice is dropped at the end
+    _, info = preprocess_image(np.zeros((7, 4, 4), np.float32), (1, 1, 1), PreprocessConfig(crop_slices=4, scale=None))
+    assert (info.slice_start, info.slice_stop) == (1, 5)
+    # fewer slices than requested: keep all
+    _, info = preprocess_image(np.zeros((3, 4, 4), np.float32), (1, 1, 1), PreprocessConfig(crop_slices=48, scale=None))
+    assert (info.slice_start, info.slice_stop) == (0, 3)
+
+
+def test_round_trip_to_original_resolution():
+    """Label -> preprocessed grid (crop + x0.5) -> restore: back on the original grid, zeros outside the crop."""
+    lab = _ellipsoid()
+    img = lab * 100.0 + 5.0
+    cfg = PreprocessConfig(crop_slices=16, scale=0.5, normalise="zscore")
+    x, info = preprocess_image(img, (1.5, 0.5, 0.5), cfg)
+    assert x.shape == (16, 32, 30) and x.dtype == np.float32
+    y = preprocess_label(lab, info, cfg)
+    assert y.shape == x.shape and y.dtype == np.uint8 and set(np.unique(y)) == {0, 1}
+    back = restore(y.astype(np.float32), info, order=1) >= 0.5
+    assert back.shape == lab.shape
+    assert not back[: info.slice_start].any() and not back[info.slice_stop:].any()
+    assert _dice(back, lab) > 0.95
+    # integer masks restore to integer masks
+    m = restore(y, info)
+    assert m.dtype == np.uint8 and _dice(m, lab) > 0.95
+    # a soft (area-fraction) probability map restores almost exactly
+    from femurseg.data.preprocess import _zoom_inplane
+
+    soft = _zoom_inplane(lab[info.slice_start:info.slice_stop].astype(np.float32), info.shape[1:], order=1)
+    assert _dice(restore(soft, info) >= 0.5, lab) > 0.98
+
+
+def test_restore_class_probabilities_background_outside_crop():
+    info = PrepInfo((6, 4, 4), (1, 1, 1), 1, 5, (4, 2, 2), (1, 2, 2))
+    probs = np.zeros((3, 4, 2, 2), np.float32)
+    probs[2] = 1
+    out = restore(probs, info)
+    assert out.shape == (3, 6, 4, 4)
+    assert (out[0, 0] == 1).all() and (out[1:, 0] == 0).all()
+    assert np.allclose(out[2, 1:5], 1)
+    with pytest.raises(FemursegError):
+        restore(np.zeros((4, 3, 3), np.float32), info)
+
+
+def test_multiclass_label_resampling_keeps_classes():
+    lab = _ellipsoid()
+    lab[_ellipsoid(radii=(5, 14, 8)) > 0] = 2
+    cfg = PreprocessConfig(crop_slices=None, scale=0.5)
+    _, info = preprocess_image(lab.astype(np.float32), (1, 1, 1), cfg)
+    y = preprocess_label(lab, info, cfg, num_classes=3)
+    assert set(np.unique(y)) == {0, 1, 2}
+    y_nn = preprocess_label(lab, info, PreprocessConfig(crop_slices=None, scale=0.5, label_interp="nearest"))
+    assert set(np.unique(y_nn)) == {0, 1, 2}
+
+
+def test_normalisations():
+    rng = np.random.default_rng(1)
+    img = rng.normal(300, 50, size=(4, 16, 16)).astype(np.float32)
+    img[0, 0, 0] = 1e5  # outlier
+    z, info = preprocess_image(img, (1, 1, 1), PreprocessConfig(crop_slices=None, scale=None))
+    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-3
+    assert info.stats["mean"] == pytest.approx(float(img.astype(np.float64).mean()), rel=1e-6)
+    p, info = preprocess_image(img, (1, 1, 1), PreprocessConfig(crop_slices=None, scale=None, normalise="percentile",
+                                                                percentiles=(1, 99)))
+    assert float(p.max()) < 4 and info.stats["clip_high"] < 1e3
+    ct = np.array([-1000, -200, 800, 1800, 3000], np.float32).reshape(1, 1, 5) * np.ones((2, 2, 1), np.float32)
+    c, _ = preprocess_image(ct, (1, 1, 1), PreprocessConfig(crop_slices=None, scale=None, normalise="ct",
+                                                            ct_window=(-200, 1800)))
+    np.testing.assert_allclose(c[0, 0], [0, 0, 0.5, 1, 1], atol=1e-6)
+    # constant image: no division by zero
+    k, _ = preprocess_image(np.full((2, 4, 4), 7, np.float32), (1, 1, 1), PreprocessConfig(crop_slices=None, scale=None))
+    assert np.isfinite(k).all()
+
+
+def test_config_dicts_and_errors():
+    cfg = PreprocessConfig(crop_slices=40, target_size=(128, 96), scale=None, normalise="percentile")
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert PreprocessConfig.preset("paper").target_size == (256, 256)
+    info = preprocess_image(np.zeros((50, 8, 8), np.float32), (1, 1, 1), cfg)[1]
+    assert PrepInfo.from_dict(info.to_dict()) == info
+    for bad in ({"crop_slices": 0}, {"normalise": "minmax"}, {"percentiles": (90, 10)}, {"target_size": (1, 5)},
+                {"scale": -1.0}, {"ct_window": (10, -10)}):
+        with pytest.raises(FemursegError):
+            PreprocessConfig(**bad)
+    with pytest.raises(FemursegError, match="unknown option"):
+        PreprocessConfig.from_dict({"crop": 3})
+    with pytest.raises(FemursegError, match="label shape"):
+        preprocess_label(np.zeros((3, 3, 3), np.uint8), info)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _batch(spatial=(8, 12, 10)):
+    lab = torch.zeros((2, *spatial), dtype=torch.long)
+    lab[..., 2:6, 1:4] = 1
+    img = lab[:, None].float() * 3 + torch.arange(spatial[-1]).float() * 0.01
+    return img, lab
+
+
+def test_flip_mirrors_image_and_label_together():
+    img, lab = _batch()
+    out, olab = augment(img, lab, AugmentConfig(flip_p=1.0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, img.flip(-1))
+    torch.testing.assert_close(olab, lab.flip(-1))
+    out, olab = augment(img, lab, AugmentConfig(flip_p=0.0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, img)
+
+
+def test_augment_is_reproducible_and_keeps_labels_valid():
+    cfg = AugmentConfig(flip_p=0.5, noise_std=0.1, brightness=0.2, scale=0.1, rotate_deg=10)
+    for spatial in ((8, 12, 10), (12, 10)):
+        img, lab = _batch(spatial)
+        a = augment(img, lab, cfg, torch.Generator().manual_seed(3))
+        b = augment(img, lab, cfg, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1])
+        assert a[0].shape == img.shape and a[1].shape == lab.shape and a[1].dtype == lab.dtype
+        assert set(a[1].unique().tolist()) <= {0, 1} and a[1].sum() > 0
+    # the identity transform of the spatial path changes nothing
+    img, lab = _batch()
+    from femurseg.data.augment import _spatial
+
+    one = torch.ones(2, dtype=torch.float64)
+    i2, l2 = _spatial(img, lab, one, 0 * one, 3)
+    torch.testing.assert_close(i2, img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(l2, lab)
+    with pytest.raises(FemursegError):
+        AugmentConfig(scale=1.5)
