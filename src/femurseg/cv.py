@@ -296,6 +296,7 @@ def run_cv(
             "dataset": str(Path(dataset).resolve()), "modality": ds.modality, "labels": ds.labels,
             "cases": [c.case_id for c in ds.cases], "preset": preset, **cfgs,
             "k": split.k, "seed": seed, "group_by": split.group_by, "inner_val": inner_val,
+            "train_spacing": train_spacing(prepared),
             "device": str(get_device(device)), "environment": environment(), "created": now_iso(),
             **({"ddp": dist.describe(tcfg.batch_size)} if dist is not None else {}),
         }
@@ -319,6 +320,13 @@ def run_cv(
     if dist is not None:
         dist.barrier()
     return CVResult(load_run(out), summary)
+
+
+def train_spacing(prepared: dict[str, Prepared]) -> list[float]:
+    """Median original canonical spacing (mm) of the cases (``config["train_spacing"]``; predict
+    warns when a scan's spacing differs much from it)."""
+    sp = np.array([p.info.original_spacing for p in prepared.values()], dtype=float)
+    return [float(v) for v in np.median(sp, axis=0)]
 
 
 def train_fold(run: Run, ds: Dataset, prepared: dict[str, Prepared], k: int, *, device: str | None = None,
