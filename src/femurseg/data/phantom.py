@@ -228,8 +228,9 @@ def generate_case(
 
     ss_seq = np.random.SeedSequence(seed)
     rng_anat, rng_tex, rng_choice, rng_art, rng_noise = (np.random.default_rng(s) for s in ss_seq.spawn(5))
+    side_draw = int(rng_choice.integers(2))  # always drawn: the artefact draw does not depend on `side`
     if side is None:
-        side = SIDES[int(rng_choice.integers(2))]
+        side = SIDES[side_draw]
     kinds = _choose_artefacts(rng_choice, modality, artefacts, float(artefact_fraction))
 
     if supersample is None:  # 2x in plane for coarse voxels, unless the render grid gets large
@@ -238,11 +239,10 @@ def generate_case(
     if supersample < 1 or supersample > 4:
         raise FemursegError(f"supersample: expected 1..4, got {supersample}")
 
-    fov = np.array(shape, float) * np.array(spacing)
     centre = (np.array(shape, float) - 1.0) / 2.0 * np.array(spacing)
     sides = ("right", "left") if bilateral else (side,)
-    hips = _sample_hips(rng_anat, sides, centre, fov, bilateral)
-    body = _sample_body(rng_anat, hips, centre, fov, bilateral)
+    hips = _sample_hips(rng_anat, sides, centre, bilateral)
+    body = _sample_body(rng_anat, hips, centre, bilateral)
     tissue = _sample_tissue_values(rng_anat, modality)
     if modality == "mr":
         # trabeculae (0.1-0.3 mm) are far below a coarse voxel: partial volume lowers their contrast
@@ -549,7 +549,7 @@ class _Hip:
     p: dict  # all other scalars / points
 
 
-def _sample_hips(rng: np.random.Generator, sides, centre, fov, bilateral: bool) -> list[_Hip]:
+def _sample_hips(rng: np.random.Generator, sides, centre, bilateral: bool) -> list[_Hip]:
     base = None
     hips = []
     for side in sides:
@@ -574,11 +574,11 @@ def _sample_hips(rng: np.random.Generator, sides, centre, fov, bilateral: bool) 
             for k, s in (("R", 0.4), ("nsa", 2.0), ("av", 3.0), ("L", 1.5), ("tilt", 1.0), ("head_off2", 3.0),
                          ("head_off1", 2.0), ("ap_jit", 2.0)):
                 q[k] = base[k] + rng.normal(0.0, s)
-        hips.append(_build_hip(rng, side, q, centre, fov, bilateral))
+        hips.append(_build_hip(rng, side, q, centre, bilateral))
     return hips
 
 
-def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, fov, bilateral: bool = False) -> _Hip:
+def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: bool = False) -> _Hip:
     u = rng.uniform
     m = 1.0 if side == "right" else -1.0
     SUP, ANT, MED = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, m])
@@ -651,7 +651,8 @@ def _derive_points(h: _Hip) -> None:
     ANT, POST = np.array([1.0, 0.0, 0.0]), np.array([-1.0, 0.0, 0.0])
     MED = np.array([0.0, 0.0, h.m])
     LAT = -MED
-    # greater trochanter: ellipsoid lateral / posterior / above the neck-shaft intersection
+    # greater trochanter: centre of its rounded tip (lateral / posterior / above the
+    # neck-shaft intersection) and the base of the capsule on the lateral shaft
     p["G"] = h.P + (p["gt_tip"] - p["gt_r"]) * h.d_s - p["gt_lat"] * h.e_m - p["gt_post"] * h.e_a
     p["G_base"] = h.P - 22.0 * h.d_s - (p["r_sh"] - 6.0) * h.e_m - 0.3 * p["gt_post"] * h.e_a
     # lesser trochanter: posteromedial bump below the neck
@@ -718,7 +719,7 @@ def _hip_meta(h: _Hip) -> dict[str, Any]:
     }
 
 
-def _sample_body(rng: np.random.Generator, hips, centre, fov, bilateral: bool) -> dict[str, Any]:
+def _sample_body(rng: np.random.Generator, hips, centre, bilateral: bool) -> dict[str, Any]:
     u = rng.uniform
     body: dict[str, Any] = {"lateral": []}
     body["fat_mm"] = u(5.0, 16.0)
@@ -963,7 +964,8 @@ def _cortical_thickness(h: _Hip, fs: dict, low: np.ndarray) -> np.ndarray:
     w_head = _smoothstep((_F32(p["t_w"]) - t) / 6.0)
     pr = np.sqrt(p1 * p1 + p2 * p2) + _F32(1e-3)
     inferior = np.clip(-p1 / pr, 0.0, 1.0)
-    w_neck = _smoothstep((t - _F32(p["t_w"] - 6.0)) / 8.0) * (1.0 - _smoothstep((s + 20.0) / -12.0 + 1.0))
+    # the neck beyond its waist, fading out 8-20 mm below the neck-shaft intersection
+    w_neck = _smoothstep((t - _F32(p["t_w"] - 6.0)) / 8.0) * _smoothstep((s + 20.0) / 12.0)
     w_calc = inferior * inferior * w_neck * (1.0 - w_head)
     w_sh = _smoothstep((-s - 12.0) / 45.0)
     tc = _F32(p["t_meta"]) + _F32(p["t_head"] - p["t_meta"]) * w_head
@@ -975,7 +977,7 @@ def _cortical_thickness(h: _Hip, fs: dict, low: np.ndarray) -> np.ndarray:
 def _trabecular_density(g: _Grid, h: _Hip, fs: dict) -> np.ndarray:
     """Bone-volume fraction of the trabecular texture (0..~0.5) inside the femur."""
     p = h.p
-    t, p1, s = fs["t"], fs["p1"], fs["s"]
+    t, s = fs["t"], fs["s"]
     dens = np.full(t.shape, 0.12, np.float32)
     # head
     in_head = _smoothstep((_F32(p["t_w"]) - t) / 8.0) * _smoothstep((_F32(h.R + 2.0) - fs["dist_H"]) / 6.0)
@@ -1006,10 +1008,11 @@ def _pelvis_sdf(g: _Grid, h: _Hip, dist_H: np.ndarray, bilateral: bool, midline:
     R_in = _F32(p["R_in"])
     up = -rH[1] / (dist_H + _F32(1e-3))
     med = _F32(h.m) * rH[2] / (dist_H + _F32(1e-3))
-    thick = _F32(p["acet_med"]) + _F32(p["acet_roof"] - p["acet_med"]) * np.clip(up + 0.3 * med - 0.3, 0.0, 1.0) / 0.7
+    # thick roof above the head, thin medial wall (quadrilateral plate), bevelled lateral rim
+    roof = np.clip(up + 0.3 * med - 0.3, 0.0, 1.0) / 0.7
+    thick = _F32(p["acet_med"]) + _F32(p["acet_roof"] - p["acet_med"]) * roof
     cup = np.maximum(np.maximum(R_in - dist_H, dist_H - R_in - thick), -z - _F32(p["acet_cut"] * p["R_in"]))
     SUP = np.array([0.0, -1.0, 0.0])
-    ANT = np.array([1.0, 0.0, 0.0])
     il = _segment(g, p["ilium_a"], p["ilium_b"], p["ilium_r"][0], p["ilium_r"][1], flat=np.array([0, 0, 1.0]),
                   flat_k=1.0 / p["ilium_flat"])
     pel = _smin(cup, il, 8.0)
@@ -1024,7 +1027,6 @@ def _pelvis_sdf(g: _Grid, h: _Hip, dist_H: np.ndarray, bilateral: bool, midline:
     fossa_cos = _dot(rH, p["fossa_dir"]) / (dist_H + _F32(1e-3))
     fossa = (fossa_cos > _F32(math.cos(math.radians(p["fossa_angle"])))) & (dist_H < R_in + _F32(p["fossa_depth"]))
     pel = np.maximum(pel, R_in - dist_H)
-    del ANT
     return {"f": pel, "z": z, "fossa": fossa & (pel < 0.0)}
 
 
