@@ -99,3 +99,77 @@ def test_bilateral_scan_gives_one_box_per_side(bilateral_case):
 def test_no_bone_is_an_error():
     with pytest.raises(FemursegError, match="no bone above"):
         ct.find_femurs(np.full((8, 8, 8), 40.0, np.float32), (1.0, 1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- cascade
+
+
+def test_stage2_input_masks_outside_the_dilated_periosteal_region():
+    img = np.arange(5 * 9 * 9, dtype=np.float32).reshape(5, 9, 9) + 100
+    peri = np.zeros(img.shape, bool)
+    peri[2, 4, 4] = True
+    same = ct.stage2_input(img, peri, (1.0, 1.0, 1.0), dilate_mm=0.0, fill_hu=-1024)
+    assert same[2, 4, 4] == img[2, 4, 4] and np.count_nonzero(same != -1024) == 1
+    # 1 mm dilation at spacing (2, 1, 1): the in-plane cross only (the coronal neighbours are 2 mm away)
+    dil = ct.stage2_input(img, peri, (2.0, 1.0, 1.0), dilate_mm=1.0, fill_hu=-1024)
+    kept = dil != -1024
+    assert kept.sum() == 5 and kept[2, 3, 4] and kept[2, 4, 5] and not kept[1, 4, 4]
+    assert np.array_equal(dil[kept], img[kept])
+    with pytest.raises(FemursegError, match="shape"):
+        ct.mask_outside(img, peri[:-1])
+
+
+def test_combine_stages_keeps_a_cortex_and_matches_segment():
+    from femurseg.predict import segment
+
+    g = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
+    d = np.sqrt(sum((x - 9.5) ** 2 for x in g))
+    peri = d <= 8
+    endo_prob = np.clip(7.5 - d, 0, 1).astype(np.float32)  # reaches out to the periosteal surface
+    lab = ct.combine_stages(peri, endo_prob, 0.5)
+    assert set(np.unique(lab)) == {0, 1, 2}
+    assert np.array_equal(lab > 0, peri)  # cortical + trabecular = periosteal
+    from scipy import ndimage
+
+    assert not (ndimage.binary_dilation(lab == 0) & (lab == 1)).any()  # label 1 never touches background
+    probs = ct.cascade_probabilities(peri.astype(np.float32), peri, endo_prob, 0.5)
+    assert probs.shape == (3, *peri.shape) and np.allclose(probs.sum(0), 1)
+    seg, _ = segment(probs, (1.0, 1.0, 1.0), threshold=0.5, postprocess="none")
+    assert np.array_equal(seg, lab)
+
+
+def test_cascade_configs_default_to_a_binary_vnet():
+    cfg = ct.cascade_configs("demo")
+    assert cfg["model"]["name"] == "vnet" and cfg["model"]["num_classes"] == 2
+    assert cfg["preprocess"]["normalise"] == "ct"
+    unet = ct.cascade_configs("demo", model_cfg={"name": "unet3d", "features": 4})
+    assert unet["model"] == {"name": "unet3d", "features": 4, "levels": 3, "num_classes": 2}
+    with pytest.raises(FemursegError, match="scale"):
+        ct.cascade_configs("huge")
+
+
+@pytest.mark.slow
+def test_cascade_cv_and_predict_end_to_end(tmp_path):
+    """A tiny cascade (1 epoch, 2 folds) runs through cv, evaluation and predict."""
+    from femurseg import io
+    from femurseg.data.synth import synthesize
+    from femurseg.predict import load_predictor, outputs_for, predict_file
+
+    ds = synthesize(tmp_path / "ds", n=4, modality="ct", seed=1, shape=(32, 64, 64), spacing=(2.0, 2.0, 2.0),
+                    progress=False)
+    run = tmp_path / "run"
+    summary = ct.run_cascade_cv(ds.root, run, folds=2, model_cfg={"features": 4, "levels": 2},
+                                train_cfg={"max_epochs": 1, "min_epochs": 0, "patience": 1, "patch_size": [16, 32, 32]},
+                                progress=False)
+    assert summary["cases"] == 4 and 0 <= summary["mean_periosteal_dsc"] <= 1
+    for f in ("split.json", "stage1/thresholds.json", "stage2/thresholds.json", "cascade_metrics.csv",
+              "cascade_volumes.csv", "cascade_summary.json"):
+        assert (run / f).exists(), f
+    assert len(list((run / "oof_labels").glob("*.nii.gz"))) == 4
+    pred = load_predictor(run, device="cpu")
+    assert pred.task == "cascade"
+    case = ds.cases[0]
+    res = predict_file(pred, case.image, outputs_for(tmp_path / "out.nii.gz"), postprocess="none")
+    out = io.read_image(res.outputs.mask, dtype=None)
+    assert out.data.shape == io.read_image(case.image).data.shape
+    assert set(np.unique(out.data)) <= {0, 1, 2}

@@ -362,3 +362,462 @@ def split_sides(mask: np.ndarray, spacing: Sequence[float] | None = None, min_fr
     cols = np.arange(m.shape[2])[None, None, :]
     rest = m & (lab != a) & (lab != b)
     return {"right": (lab == right) | (rest & (cols < mid)), "left": (lab == left) | (rest & (cols >= mid))}
+
+
+# ----------------------------------------------------------------------------- cascade (paper 003)
+#
+# A cascade run folder (``femurseg cv --task cascade``) holds two ordinary cross-validation runs,
+# produced by :func:`femurseg.cv.run_cv` on derived datasets, with one shared split:
+#
+#     RUN/config.json            format femurseg-run, task "cascade", k, the cascade options
+#     RUN/split.json             the folds (both stages use them)
+#     RUN/data/stage1.csv        manifest: original images, label > 0 (periosteal, whole bone)
+#     RUN/data/stage2.csv        manifest: images masked with the reference periosteal region
+#                                (dilated by dilate_mm), label == 1 (endosteal)
+#     RUN/stage1/, RUN/stage2/   the two cv runs (fold models, out-of-fold maps, thresholds)
+#     RUN/oof_labels/<case>.nii.gz     cascade out-of-fold label maps (0/1/2) on the input grid
+#     RUN/cascade_metrics.csv    per case: DSC, ASD, sensitivity, specificity per compartment
+#     RUN/cascade_volumes.csv    per case and region: reference and predicted volumes
+#     RUN/cascade_summary.json   means (003 Table 1) and volume errors per region (003 Table 2)
+
+CASCADE_TASK = "cascade"
+COMPARTMENTS: dict[str, tuple[int, ...]] = {"periosteal": (1, 2), "endosteal": (1,), "cortical": (2,)}
+
+CASCADE_SCALES: dict[str, dict[str, Any]] = {
+    # CPU demo: a narrow V-Net (F 4, 3 levels, 152 k parameters) on the phantom's 1 mm grid,
+    # trained on random 32 x 64 x 64 patches for at most 20 epochs (2 shared CPU cores)
+    "demo": {
+        "model": {"name": "vnet", "features": 4, "levels": 3},
+        "preprocess": {"crop_slices": None, "target_size": None, "scale": None, "normalise": "ct",
+                       "ct_window": [-200.0, 1800.0]},
+        "train": {"loss": "dice-wce", "lr": 3e-3, "max_epochs": 20, "min_epochs": 8, "patience": 5,
+                  "patch_size": [32, 64, 64]},
+        "augment": {"flip_p": 0.5},
+    },
+    # Paper 003: V-Net (F 16, 4 levels), Adam 1e-4, batch 1, whole volumes; GPU
+    "full": {
+        "model": {"name": "vnet", "features": 16, "levels": 4},
+        "preprocess": {"crop_slices": None, "target_size": None, "scale": None, "normalise": "ct",
+                       "ct_window": [-200.0, 1800.0]},
+        "train": {"loss": "ce", "lr": 1e-4, "max_epochs": 800, "min_epochs": 30, "patience": 30},
+        "augment": {"flip_p": 0.5, "noise_std": 0.02, "brightness": 0.05, "scale": 0.1},
+    },
+}
+
+
+def periosteal_region(periosteal: np.ndarray, spacing: Sequence[float], dilate_mm: float = 0.0) -> np.ndarray:
+    """The periosteal mask dilated by ``dilate_mm`` (ellipsoid in mm; 0: unchanged), bool."""
+    from femurseg.postprocess import ellipsoid_structure
+
+    m = np.asarray(periosteal, dtype=bool)
+    if dilate_mm <= 0 or not m.any():
+        return m.copy()
+    se = ellipsoid_structure(dilate_mm, spacing)
+    return ndimage.binary_dilation(m, structure=se)
+
+
+def mask_outside(image: np.ndarray, region: np.ndarray, fill: float = -1024.0) -> np.ndarray:
+    """``image`` with every voxel outside ``region`` set to ``fill`` (float32; 003 section 3.2:
+    the region inside the periosteal contour is the input of the endosteal segmentation)."""
+    img = np.asarray(image, dtype=np.float32)
+    r = np.asarray(region, dtype=bool)
+    if img.shape != r.shape:
+        raise FemursegError(f"cascade: image shape {img.shape} differs from the periosteal mask's {r.shape}")
+    return np.where(r, img, np.float32(fill)).astype(np.float32)
+
+
+def stage2_input(image: np.ndarray, periosteal: np.ndarray, spacing: Sequence[float], dilate_mm: float = 1.0,
+                 fill_hu: float = -1024.0) -> np.ndarray:
+    """The endosteal model's input: the CT restricted to the (dilated) periosteal region, the rest
+    set to ``fill_hu`` (air; the HU window maps it to 0)."""
+    return mask_outside(image, periosteal_region(periosteal, spacing, dilate_mm), fill_hu)
+
+
+def combine_stages(periosteal: np.ndarray, endosteal_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """CT label map from the cascade's two outputs: 2 (cortical) in the periosteal mask, 1
+    (trabecular) where the endosteal probability reaches ``threshold`` inside the periosteal mask
+    eroded by one voxel (face neighbours), 0 elsewhere.
+
+    The erosion keeps the reference labels' rule that the cortex is at least one voxel thick
+    (a label-1 voxel never touches background). Cortical = periosteal minus endosteal.
+    """
+    peri = np.asarray(periosteal, dtype=bool)
+    inner = ndimage.binary_erosion(peri, structure=ndimage.generate_binary_structure(3, 1), border_value=1)
+    lab = np.where(peri, np.uint8(2), np.uint8(0))
+    lab[inner & (np.asarray(endosteal_prob) >= threshold)] = 1
+    return lab
+
+
+def cascade_probabilities(periosteal_prob: np.ndarray, periosteal: np.ndarray, endosteal_prob: np.ndarray,
+                          threshold: float = 0.5) -> np.ndarray:
+    """``(3, *shape)`` probabilities (background, trabecular, cortical) for ``predict.segment``.
+
+    Foreground = the periosteal probability; inside it the class is trabecular exactly where
+    :func:`combine_stages` puts label 1 (the endosteal probability is remapped monotonically so
+    ``threshold`` lands on 0.5, and zeroed outside the eroded periosteal mask).
+    """
+    p = np.asarray(periosteal_prob, dtype=np.float32)
+    q = np.asarray(endosteal_prob, dtype=np.float32)
+    t = float(min(max(threshold, 1e-6), 1 - 1e-6))
+    q = np.where(q < t, 0.5 * q / t, 0.5 + 0.5 * (q - t) / (1 - t)).astype(np.float32)
+    trab = combine_stages(periosteal, np.asarray(endosteal_prob), threshold) == 1
+    q = np.where(trab, np.maximum(q, np.float32(0.5) + 1e-6), np.minimum(q, np.float32(0.5) - 1e-6))
+    return np.stack([1.0 - p, p * q, p * (1.0 - q)]).astype(np.float32)
+
+
+def _check_ct_dataset(ds: Any, where: str) -> None:
+    if not {1, 2} <= set(ds.label_values):
+        raise FemursegError(f"{where}: the cascade needs CT labels (1 trabecular, 2 cortical); "
+                            f"the dataset declares {ds.labels}")
+
+
+def _write_manifest(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    import csv
+
+    from femurseg.errors import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image", "label", "case", "group"])
+            w.writerows(rows)
+
+
+def prepare_cascade_data(ds: Any, data_dir: str | Path, *, dilate_mm: float = 1.0, fill_hu: float = -1024.0,
+                         progress: bool = True) -> tuple[Path, Path]:
+    """Write the two stages' datasets (manifests + derived files) into ``data_dir``.
+
+    Stage 1: the original images with ``label > 0``. Stage 2: the images masked with the
+    **reference** periosteal region dilated by ``dilate_mm`` (:func:`stage2_input`) with
+    ``label == 1``. Existing files are kept (resume). Returns the two manifest paths.
+    """
+    from pathlib import Path as _P
+
+    from tqdm import tqdm
+
+    from femurseg import io
+
+    d = _P(data_dir)
+    for sub in ("stage1_labels", "stage2_labels", "stage2_images"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    rows1, rows2 = [], []
+    for case in tqdm(ds.cases, desc="cascade data", unit="case", disable=not progress, leave=False):
+        cid = case.case_id
+        l1, l2, i2 = d / "stage1_labels" / f"{cid}.nii.gz", d / "stage2_labels" / f"{cid}.nii.gz", d / "stage2_images" / f"{cid}.nii.gz"
+        if not (l1.exists() and l2.exists() and i2.exists()):
+            img = io.read_image(case.image)
+            lab = io.read_image(case.label, dtype=None)
+            ref = np.asarray(lab.data)
+            io.write_like(l1, (ref > 0).astype(np.uint8), lab)
+            io.write_like(l2, (ref == 1).astype(np.uint8), lab)
+            io.write_like(i2, stage2_input(img.data, ref > 0, img.spacing, dilate_mm, fill_hu), img, np.float32)
+        group = case.group or ""
+        rows1.append((str(_P(case.image).resolve()), str(l1.resolve()), cid, group))
+        rows2.append((str(i2.resolve()), str(l2.resolve()), cid, group))
+    m1, m2 = d / "stage1.csv", d / "stage2.csv"
+    _write_manifest(m1, rows1)
+    _write_manifest(m2, rows2)
+    return m1, m2
+
+
+def cascade_configs(scale: str = "demo", model_cfg: dict | None = None, prep_cfg: dict | None = None,
+                    train_cfg: dict | None = None, aug_cfg: dict | None = None) -> dict[str, dict[str, Any]]:
+    """The partial configs handed to :func:`femurseg.cv.run_cv` for both stages: the scale's
+    (:data:`CASCADE_SCALES`) overridden by the given dicts. A model ``name`` other than the
+    V-Net (e.g. ``unet3d``) drops the V-Net-only options."""
+    from femurseg.models import default_config
+
+    if scale not in CASCADE_SCALES:
+        raise FemursegError(f"--scale: expected one of {', '.join(CASCADE_SCALES)}, got {scale!r}")
+    base = CASCADE_SCALES[scale]
+    model = dict(base["model"])
+    if model_cfg and model_cfg.get("name", model["name"]) != model["name"]:
+        allowed = default_config(model_cfg["name"])
+        model = {k: v for k, v in model.items() if k in allowed and k != "name"}
+    model.update(model_cfg or {})
+    model["num_classes"] = 2
+    return {"model": model, "preprocess": {**base["preprocess"], **(prep_cfg or {})},
+            "train": {**base["train"], **(train_cfg or {})}, "augment": {**base["augment"], **(aug_cfg or {})}}
+
+
+def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo", model_cfg: dict | None = None,
+                   prep_cfg: dict | None = None, train_cfg: dict | None = None, aug_cfg: dict | None = None,
+                   folds: int = 4, seed: int = 0, group_by: str = "case", split_file: str | Path | None = None,
+                   dilate_mm: float = 1.0, fill_hu: float = -1024.0, resume: bool = False, overwrite: bool = False,
+                   device: str | None = None, progress: bool = True, evaluate: bool = True) -> dict[str, Any]:
+    """Cross-validate the two-model CT cascade of paper 003 (``femurseg cv --task cascade``).
+
+    Protocol (documented choice): both stages use the same folds. Stage 1 learns the whole bone
+    (periosteal, ``label > 0``) from the CT. Stage 2 learns the endosteal region (``label ==
+    1``) from the CT restricted to the **reference** periosteal region dilated by
+    ``dilate_mm`` (voxels outside set to ``fill_hu``), as 003 trains its second model on
+    "the region inside the periosteal contour". Its early stopping and its own out-of-fold maps
+    (``stage2/oof``) therefore see reference-masked inputs. The **cascade** is then evaluated
+    honestly: every held-out case's stage-2 input is masked with its stage-1 *out-of-fold*
+    prediction (PR threshold, largest component, same dilation), and the fold's stage-2 model
+    segments it; :func:`combine_stages` gives the label map (``oof_labels/``) that is compared
+    with the reference (:func:`evaluate_cascade`).
+
+    Args:
+        dataset: CT dataset (labels 0/1/2): nnU-Net folder or CSV manifest.
+        out: the cascade run folder (layout in the comment above this function's source).
+        scale: "demo" (CPU) or "full" (paper 003 settings) base configs (:data:`CASCADE_SCALES`).
+        model_cfg, prep_cfg, train_cfg, aug_cfg: partial overrides, the same for both stages.
+        folds, seed, group_by, split_file: as :func:`femurseg.cv.run_cv` (one split for both).
+        dilate_mm: dilation of the periosteal mask before masking stage 2's input.
+        fill_hu: value outside it.
+        resume, overwrite, device, progress: as :func:`femurseg.cv.run_cv`.
+        evaluate: compute the cascade's out-of-fold labels and metrics at the end.
+
+    Returns:
+        The cascade summary (also ``RUN/cascade_summary.json``), or the run config if not evaluated.
+    """
+    import json as _json
+    from pathlib import Path as _P
+
+    from femurseg.cv import run_cv
+    from femurseg.data.dataset import load_checked
+    from femurseg.data.splits import load_split, split_dataset
+    from femurseg.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, environment, now_iso, prepare_run_dir, write_json
+
+    out = _P(out)
+    ds = load_checked(dataset, progress=progress)
+    _check_ct_dataset(ds, str(dataset))
+    if dilate_mm < 0:
+        raise FemursegError(f"--dilate-mm: must be >= 0, got {dilate_mm}")
+    cfgs = cascade_configs(scale, model_cfg, prep_cfg, train_cfg, aug_cfg)
+    resuming = resume and (out / CONFIG_NAME).exists()
+    if resuming:
+        config = _json.loads((out / CONFIG_NAME).read_text())
+        if config.get("task") != CASCADE_TASK:
+            raise FemursegError(f"{out}: not a cascade run (task {config.get('task')!r})")
+        opts = config["cascade"]
+        dilate_mm, fill_hu = float(opts["dilate_mm"]), float(opts["fill_hu"])
+        cfgs = config["stage_configs"]
+        split = load_split(out / "split.json", ds)
+    else:
+        split = load_split(split_file, ds) if split_file is not None else split_dataset(ds, folds, seed, group_by)
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        split.save(out / "split.json")
+        config = {
+            "format": RUN_FORMAT, "version": RUN_VERSION, "kind": "cv", "task": CASCADE_TASK,
+            "dataset": str(_P(dataset).resolve()), "modality": ds.modality, "labels": ds.labels,
+            "cases": [c.case_id for c in ds.cases], "k": split.k, "seed": seed, "group_by": split.group_by,
+            "scale": scale, "stage_configs": cfgs,
+            "cascade": {"dilate_mm": float(dilate_mm), "fill_hu": float(fill_hu), "stages": ["stage1", "stage2"],
+                        "stage2_training_mask": "reference periosteal region",
+                        "stage2_evaluation_mask": "stage-1 out-of-fold prediction (PR threshold, largest component)"},
+            # a run's usual keys, describing stage 1 (what tools that read any run expect)
+            "model": cfgs["model"], "preprocess": cfgs["preprocess"],
+            "device": str(device or "auto"), "environment": environment(), "created": now_iso(),
+        }
+        write_json(out / CONFIG_NAME, config)
+    m1, m2 = prepare_cascade_data(ds, out / "data", dilate_mm=dilate_mm, fill_hu=fill_hu, progress=progress)
+    common = dict(model_cfg=cfgs["model"], prep_cfg=cfgs["preprocess"], train_cfg=cfgs["train"], aug_cfg=cfgs["augment"],
+                  seed=seed, split_file=out / "split.json", device=device, progress=progress)
+    for stage, manifest in (("stage1", m1), ("stage2", m2)):
+        sub = out / stage
+        run_cv(manifest, sub, resume=sub.exists(), **common)
+    if not evaluate:
+        return config
+    return evaluate_cascade(out, device=device, progress=progress)
+
+
+def _stage_threshold(run_dir: Path) -> float:
+    import json as _json
+
+    p = run_dir / "thresholds.json"
+    if p.exists():
+        v = _json.loads(p.read_text()).get("pr")
+        if isinstance(v, (int, float)):
+            return float(v)
+    return 0.5
+
+
+def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress: bool = True,
+                     dataset: str | Path | None = None) -> dict[str, Any]:
+    """Cascade out-of-fold labels and their evaluation (paper 003 Tables 1 and 2).
+
+    For each case of fold k: stage-1 out-of-fold probability -> PR threshold -> largest component
+    = periosteal mask; stage-2 fold-k model on the CT masked with it (:func:`stage2_input`) ->
+    endosteal probability -> :func:`combine_stages` (stage 2's PR threshold) -> ``oof_labels/``.
+    Metrics per compartment (periosteal {1, 2}, endosteal {1}, cortical {2}): DSC, ASD (mm),
+    sensitivity, specificity. Volumes per region (:mod:`femurseg.measure`, regions fitted on
+    each mask separately, as two software runs would) and their MAE / RMSE / relative error
+    over cases (:func:`femurseg.metrics.volume_errors`); also with the reference's regions
+    applied to the prediction (segmentation error only).
+    """
+    import csv
+    import json as _json
+    from pathlib import Path as _P
+
+    from tqdm import tqdm
+
+    from femurseg import io
+    from femurseg.data.dataset import load_checked
+    from femurseg.errors import atomic_path
+    from femurseg.measure import measure_femur
+    from femurseg.metrics import overlap_metrics, surface_metrics, volume_errors
+    from femurseg.postprocess import postprocess
+    from femurseg.predict import load_predictor, predict_probability
+    from femurseg.regions import REGION_LABELS
+    from femurseg.run import load_run, write_json
+
+    run_dir = _P(run_dir)
+    config = _json.loads((run_dir / "config.json").read_text())
+    opts = config["cascade"]
+    ds = load_checked(dataset or config["dataset"], progress=False)
+    s1, s2 = load_run(run_dir / "stage1"), load_run(run_dir / "stage2")
+    thr1, thr2 = _stage_threshold(s1.path), _stage_threshold(s2.path)
+    split = s1.split
+    (run_dir / "oof_labels").mkdir(exist_ok=True)
+    predictors: dict[int, Any] = {}
+    metric_rows, volume_rows = [], []
+    vols: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    cases = [c for c in split.cases if (s1.path / "oof" / f"{c}.nii.gz").exists()]
+    for cid in tqdm(cases, desc="cascade evaluate", unit="case", disable=not progress, leave=False):
+        k = split.fold_of(cid)
+        case = ds.case(cid)
+        vol = io.read_image(case.image)
+        ref = np.asarray(io.read_image(case.label, dtype=None).data).astype(np.uint8)
+        sp = vol.spacing
+        out_path = run_dir / "oof_labels" / f"{cid}.nii.gz"
+        if out_path.exists():
+            pred = np.asarray(io.read_image(out_path, dtype=None).data).astype(np.uint8)
+        else:
+            p1 = io.read_image(s1.path / "oof" / f"{cid}.nii.gz").data
+            peri = postprocess(p1 >= thr1, "lcc", sp)
+            if k not in predictors:
+                predictors[k] = load_predictor(s2.path, folds=k, device=device or "auto", notify=lambda m: None)
+            masked = stage2_input(vol.data, peri, sp, float(opts["dilate_mm"]), float(opts["fill_hu"]))
+            p2 = predict_probability(predictors[k], vol.with_data(masked))
+            pred = combine_stages(peri, p2, thr2)
+            io.write_like(out_path, pred, vol, np.uint8)
+        row: dict[str, Any] = {"case": cid, "fold": k}
+        for name, values in COMPARTMENTS.items():
+            pm, rm = np.isin(pred, values), np.isin(ref, values)
+            o = overlap_metrics(pm, rm)
+            row[f"{name}_dsc"] = o["dsc"]
+            row[f"{name}_asd_mm"] = surface_metrics(pm, rm, sp)["asd"]
+            row[f"{name}_sensitivity"] = o["recall"]
+            row[f"{name}_specificity"] = o["specificity"]
+        metric_rows.append(row)
+        # regional volumes
+        ref_rows, _, ref_regions = measure_femur(ref, sp, compartments=True)
+        try:
+            pred_rows, _, _ = measure_femur(pred, sp, compartments=True)
+        except FemursegError as exc:  # the prediction has no recognisable head: no own regions
+            pred_rows = None
+            row["region_error"] = str(exc)
+        for r_ref in ref_rows:
+            region = r_ref["region"]
+            sel = (np.ones(ref.shape, bool) if region == "total" else
+                   np.isin(ref_regions, [REGION_LABELS[n] for n in ("neck", "trochanter", "intertrochanter")])
+                   if region == "combination" else ref_regions == REGION_LABELS[region])
+            vox = float(np.prod(sp)) / 1000.0
+            fixed = {"total": np.count_nonzero((pred > 0) & sel) * vox, "cortical": np.count_nonzero((pred == 2) & sel) * vox,
+                     "trabecular": np.count_nonzero((pred == 1) & sel) * vox}
+            own = next((r for r in pred_rows if r["region"] == region), None) if pred_rows else None
+            for comp in ("total", "trabecular", "cortical"):
+                rv = float(r_ref[f"{comp}_volume_cm3"])
+                pv_own = float(own[f"{comp}_volume_cm3"]) if own else float("nan")
+                volume_rows.append({"case": cid, "region": region, "compartment": comp, "ref_cm3": rv,
+                                    "pred_cm3": pv_own, "pred_in_ref_regions_cm3": fixed[comp]})
+                vols.setdefault(("own", region, comp), []).append((pv_own, rv))
+                vols.setdefault(("reference", region, comp), []).append((fixed[comp], rv))
+    for name, rows in (("cascade_metrics.csv", metric_rows), ("cascade_volumes.csv", volume_rows)):
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with atomic_path(run_dir / name) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+    summary: dict[str, Any] = {"task": CASCADE_TASK, "cases": len(metric_rows), "thresholds": {"stage1_pr": thr1, "stage2_pr": thr2}}
+    for key in (k for k in (metric_rows[0] if metric_rows else {}) if k not in ("case", "fold", "region_error")):
+        v = np.array([r[key] for r in metric_rows], float)
+        summary[f"mean_{key}"] = float(np.mean(v))
+        summary[f"sd_{key}"] = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    table2: dict[str, Any] = {}
+    for (regions, region, comp), pairs in vols.items():
+        p = np.array([a for a, _ in pairs], float)
+        r = np.array([b for _, b in pairs], float)
+        ok = np.isfinite(p) & (r > 0)
+        if not ok.any():
+            continue
+        e = volume_errors(p[ok], r[ok])
+        e.pop("re_pct", None)
+        e["ref_mean_cm3"] = float(np.mean(r[ok]))
+        e["ref_sd_cm3"] = float(np.std(r[ok], ddof=1)) if ok.sum() > 1 else 0.0
+        table2.setdefault(regions, {})[f"{region}/{comp}"] = e
+    summary["volume_errors"] = table2
+    summary["region_failures"] = [r["case"] for r in metric_rows if "region_error" in r]
+    write_json(run_dir / "cascade_summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- cascade prediction
+
+
+def load_cascade_predictor(run: Any, folds: str | int | None = "all", engine: str = "torch",
+                           device: str | None = "auto", notify: Any = None) -> Any:
+    """A :class:`femurseg.predict.Predictor` for a cascade run folder: stage 1's models and
+    settings, with both stages' predictors attached (``pred.stages``)."""
+    from femurseg.predict import _stderr_notice, load_predictor
+
+    notify = notify or _stderr_notice
+    p1 = load_predictor(run.path / "stage1", folds=folds, engine=engine, device=device, notify=notify)
+    p2 = load_predictor(run.path / "stage2", folds=folds, engine=engine, device=device, notify=notify)
+    pred = type(p1)(run.path, p1.models, p1.folds, p1.prep, p1.infer_options, p1.thresholds, p1.train_spacing,
+                    CASCADE_TASK, p1.device, run.config)
+    pred.stages = (p1, p2)  # type: ignore[attr-defined]
+    return pred
+
+
+def predict_cascade(pred: Any, vol: Any, tta: str = "none") -> np.ndarray:
+    """Cascade inference on one CT volume: ``(3, *vol.data.shape)`` probabilities (background,
+    trabecular, cortical) on its grid, for :func:`femurseg.predict.segment`.
+
+    Warns (stderr) when the image does not look like HU. A bilateral scan (two femurs found by
+    :func:`find_femurs`) is run per femur crop box (:func:`femur_boxes`) and pasted back; the
+    periosteal mask of each is stage 1's probability at its PR threshold, largest component.
+    Note that ``predict``'s default ``lcc`` post-processing keeps one femur: use
+    ``--postprocess none`` for bilateral scans.
+    """
+    from femurseg import io
+    from femurseg.postprocess import postprocess
+    from femurseg.predict import predict_probability
+
+    p1, p2 = pred.stages
+    opts = pred.config.get("cascade", {})
+    dilate_mm, fill_hu = float(opts.get("dilate_mm", 1.0)), float(opts.get("fill_hu", -1024.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HUWarning)
+        check_hu(vol.data, vol.source or "image")
+    for w in caught:
+        import sys
+
+        print(f"femurseg: warning: {w.message}", file=sys.stderr)
+    thr1, thr2 = float(p1.thresholds.get("pr", 0.5)), float(p2.thresholds.get("pr", 0.5))
+    try:
+        boxes = femur_boxes(vol.data, vol.spacing)
+    except FemursegError:
+        boxes = []
+    if len(boxes) < 2:
+        boxes = [CropBox("", (0, 0, 0), tuple(vol.data.shape), tuple(vol.data.shape))]
+    out = np.zeros((3, *vol.data.shape), np.float32)
+    out[0] = 1.0
+    for box in boxes:
+        img = box.crop(vol.data, fill=fill_hu)
+        sub = io.make_volume(img, vol.spacing)
+        sub.source = vol.source
+        pp = predict_probability(p1, sub, tta)
+        peri = postprocess(pp >= thr1, "lcc", vol.spacing)
+        pe = predict_probability(p2, sub.with_data(stage2_input(img, peri, vol.spacing, dilate_mm, fill_hu)), tta)
+        probs = cascade_probabilities(pp, peri, pe, thr2)
+        region = box.paste(np.ones(box.shape, bool), fill=0).astype(bool)
+        full = box.paste(probs)
+        out[:, region] = full[:, region]
+    return out

@@ -38,8 +38,9 @@ others are still segmented; the summary line is ``segmented N of M scans, K fail
 folder, bad options, or the single scan failed), :data:`EXIT_SOME_FAILED` = 2 when a batch
 finished but some scans failed.
 
-CT cascade runs (``task: cascade`` in the run config, paper 003) have their own hook,
-:func:`_predict_cascade`, to be filled in by the CT work.
+CT cascade runs (``task: cascade`` in the run config, paper 003) go through
+:func:`_predict_cascade` (:func:`femurseg.ct.predict_cascade`): periosteal model, then the
+endosteal model on the CT masked with its result; the mask is the CT label map 0/1/2.
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ def load_predictor(run_dir: str | os.PathLike, *, folds: str | int | None = "all
     run = load_run(run_dir)
     if engine not in ENGINES:
         raise FemursegError(f"--engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    if run.config.get("task") == "cascade":  # CT cascade (paper 003): two stage runs inside
+        from femurseg.ct import load_cascade_predictor
+
+        return load_cascade_predictor(run, folds, engine, device, notify)
     dev = infer.get_device(device)
     chosen = parse_folds(folds, list(range(run.k)), run.path)
     if onnx_path is not None and (engine != "onnx" or len(chosen) != 1):
@@ -316,11 +321,13 @@ def memory_window(shape: tuple[int, ...], max_voxels: int, divisor: int = 1) -> 
 def _predict_cascade(pred: Predictor, vol: io.Volume, tta: str) -> np.ndarray:
     """Hook for CT cascade runs (paper 003): periosteal model, then the endosteal model on its inside.
 
-    To be implemented with the CT cascade (``task: cascade``): return ``(3, *vol.data.shape)``
+    Implemented in :func:`femurseg.ct.predict_cascade`: returns ``(3, *vol.data.shape)``
     probabilities (background, trabecular/medullary, cortical) on the original grid, and
     :func:`segment` turns them into the CT label map.
     """
-    raise FemursegError(f"{pred.run_dir}: CT cascade runs (task: cascade) are not supported by predict yet")
+    from femurseg.ct import predict_cascade
+
+    return predict_cascade(pred, vol, tta)
 
 
 def segment(prob: np.ndarray, spacing: Sequence[float], *, threshold: str | float | None = None,
