@@ -40,7 +40,7 @@ def synth(
     modality: str = typer.Option("mr", help="mr (3T T1w FLASH-like) or ct (Hounsfield units, 2 labels)."),
     seed: int = typer.Option(0, help="Random seed; generation is deterministic for a seed."),
     size: Optional[str] = typer.Option(None, help="X,Y,Z = columns,rows,coronal slices (default: the modality's default)."),
-    spacing: Optional[str] = typer.Option(None, help="Voxel size X,Y,Z in mm (default: the modality's default)."),
+    spacing: Optional[str] = typer.Option(None, help="Voxel size X,Y,Z in mm (default: keep the modality's field of view, 120 mm in-plane for MR)."),
     artefact_fraction: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction of cases with fold-over or bone-cyst artefacts (MR)."),
     preview: bool = typer.Option(False, "--preview", help="Also write preview.png: coronal slices of the first cases with the label outline."),
 ) -> None:
@@ -232,6 +232,27 @@ def measure(
         if r["region"] == "total":
             typer.echo(f"{r['side'] or 'femur'} total volume {r['total_volume_cm3']:.2f} cm3")
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="Experiment: paper (the grid of paper 001, Tables 1-4)."),
+    dataset: Optional[Path] = typer.Argument(None, help="nnU-Net dataset folder or CSV manifest."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Experiment folder (runs/, reports, grid.csv, report.html); rerun to resume."),
+    scale: str = typer.Option("demo", "--scale", help="demo (tiny networks, 2 CPU cores, < 30 min on the default phantoms) or full (the paper's sizes; GPU)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated grid ids or patterns to run (e.g. '3d-*,2d-f64-l4'); default: all."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid and settings, train nothing."),
+    seed: int = typer.Option(0, help="Seed of the shared split and of every training."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu or auto (default)."),
+    no_panels: bool = typer.Option(False, "--no-panels", help="Skip the case panels in the reports."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run the paper's model grid on one shared split, select thresholds, evaluate and compare."""
+    from femurseg.experiment import experiment_command
+
+    pats = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    typer.echo(experiment_command(name, dataset, out, scale=scale, models=pats, dry_run=dry_run, seed=seed,
+                                  device=device, panels=not no_panels, progress=not quiet))
 
 
 def main() -> None:

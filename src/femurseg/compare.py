@@ -28,6 +28,7 @@ reported.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -376,8 +377,8 @@ def case_panels(
 # --------------------------------------------------------------------------------- main
 
 
-def _parse_specs(runs: Sequence[str | os.PathLike | RunSpec], names: Sequence[str] | None) -> list[RunSpec]:
-    specs = [r if isinstance(r, RunSpec) else RunSpec(Path(r)) for r in runs]
+def _parse_specs(runs: Sequence[Any], names: Sequence[str] | None) -> list[Any]:
+    specs = [copy.copy(r) if isinstance(r, (RunSpec, ModelResult)) else RunSpec(Path(r)) for r in runs]
     if names:
         if len(names) != len(specs):
             raise FemursegError(f"--names: got {len(names)} name(s) for {len(specs)} run(s)")
@@ -415,7 +416,7 @@ def headline(models: Sequence[ModelResult], cases: Sequence[str]) -> dict[str, A
 
 
 def run_compare(
-    runs: Sequence[str | os.PathLike | RunSpec],
+    runs: Sequence[str | os.PathLike | RunSpec | ModelResult],
     out: str | os.PathLike,
     *,
     names: Sequence[str] | None = None,
@@ -431,8 +432,8 @@ def run_compare(
     """Compare models and write the report folder ``out`` (see the module docstring).
 
     Args:
-        runs: run folders, results CSVs or :class:`RunSpec` (first = reference model for the
-            case choice).
+        runs: run folders, results CSVs, :class:`RunSpec` or already evaluated
+            :class:`ModelResult` (first = reference model for the case choice).
         out: report folder (created; existing files with the same names are replaced).
         names: display names, one per run (default: from each run's model config).
         metric: per-case metric of the significance table (``ap`` as 001 Table 4; any
@@ -456,13 +457,14 @@ def run_compare(
     specs = _parse_specs(runs, names)
     if postprocess is not None:
         for s in specs:
-            s.postprocess = s.postprocess or postprocess
+            if isinstance(s, RunSpec):
+                s.postprocess = s.postprocess or postprocess
     outp = Path(out)
     if outp.exists() and not outp.is_dir():
         raise FemursegError(f"{outp}: exists and is not a folder")
     if not outp.parent.is_dir():
         raise FemursegError(f"{outp}: parent folder {outp.parent} does not exist")
-    models = [load_model(s, gt, progress, notify) for s in specs]
+    models = [s if isinstance(s, ModelResult) else load_model(s, gt, progress, notify) for s in specs]
     new = _unique_names([m.name for m in models], [m.source for m in models])
     for m, n in zip(models, new):
         m.name = n
