@@ -1,0 +1,219 @@
+"""Benchmark 1-2: inference time per subject, peak memory and mask agreement, femurseg vs peers.
+
+    .venv/bin/python benchmarks/bench_inference.py [--size paper|demo|tiny] [--repeats 5]
+                                                   [--levers] [--out benchmarks/results/]
+
+Network: paper 001's best 3D network, ``build_model({"name": "unet3d", "features": 32,
+"levels": 4, "dilations": [1, 2, 4, 8]})`` with random but fixed weights (``torch.manual_seed(0)``
+before building); ``--size tiny`` uses F4 L2 on a small volume (for the tests).
+
+Input: a synthetic MR scan from :mod:`femurseg.data.phantom` (seed 0):
+
+* ``paper``: 60 x 512 x 512 at 1.5 x 0.234 x 0.234 mm (the paper's acquisition), preprocessed
+  with ``PreprocessConfig.preset("paper")`` (central 48 slices, 256 x 256 bicubic spline,
+  z-score) -> the network sees 48 x 256 x 256;
+* ``demo``: the default phantom (48 x 128 x 128 at 1.5 x 0.9375 x 0.9375 mm) with the default
+  (demo/cv) preprocessing (in-plane x 0.5) -> 48 x 64 x 64.
+
+Engines, timed interleaved in one process (see ``benchmarks/common.py``):
+
+* ``femurseg``: the whole predict path of :mod:`femurseg.predict` on the in-memory scan --
+  preprocess, :func:`femurseg.infer.predict_prob` (whatever acceleration infer applies by
+  default), restore to the original grid, threshold 0.5, largest connected component
+  (:func:`femurseg.predict.predict_probability` + :func:`femurseg.predict.segment`).
+* ``monai``: the same network on the same preprocessed volume through
+  ``monai.inferers.sliding_window_inference`` with MONAI's defaults (``sw_batch_size=1``,
+  ``overlap=0.25``, ``mode="constant"``) and ``roi_size`` = the whole preprocessed volume, which
+  is also femurseg's training patch (``TrainConfig.patch_size=None``: 3D nets train on whole
+  volumes), so MONAI runs one window; network only (no pre/post-processing).
+* ``plain``: ``model(x)`` in float32 eager PyTorch under ``torch.no_grad`` (network only).
+
+Peers' times cover the network alone, femurseg's the whole path, so the ratios are conservative.
+Agreement: every engine's probabilities go through the same restore / threshold / largest
+component (outside the timed region for the peers) and the masks' Dice against ``plain`` is
+reported. ``--levers`` adds one row per acceleration mode of :mod:`femurseg.accel` (network only,
+same protocol), to show what each lever is worth.
+
+Writes ``inference_<size>.csv`` (and ``levers_<size>.csv`` with ``--levers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+MODEL = {"name": "unet3d", "features": 32, "levels": 4, "dilations": [1, 2, 4, 8]}
+TINY_MODEL = {"name": "unet3d", "features": 4, "levels": 2, "dilations": [1, 2]}
+LEVERS = ("channels-last", "bf16", "compile", "compile-bf16", "onnx")
+
+
+def make_case(size: str) -> tuple[Any, Any, dict[str, Any]]:
+    """``(volume, preprocess config, model config)`` for a benchmark size."""
+    from femurseg import io
+    from femurseg.data import phantom
+    from femurseg.data.preprocess import PreprocessConfig
+
+    if size == "paper":
+        case = phantom.generate_case(0, shape=phantom.PAPER_SHAPE, spacing=phantom.PAPER_SPACING)
+        prep, model = PreprocessConfig.preset("paper"), MODEL
+    elif size == "demo":
+        case = phantom.generate_case(0)
+        prep, model = PreprocessConfig(), MODEL
+    elif size == "tiny":
+        case = phantom.generate_case(0, shape=(12, 32, 32), spacing=(1.5, 3.75, 3.75))
+        prep, model = PreprocessConfig(crop_slices=8, scale=0.5), TINY_MODEL
+    else:
+        raise ValueError(f"unknown size {size!r}")
+    vol = io.make_volume(case.image, case.spacing)
+    return vol, prep, model
+
+
+def build(model_config: dict[str, Any]):
+    import torch
+
+    from femurseg.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(dict(model_config)).eval()
+
+
+def run(size: str = "paper", repeats: int = 5, levers: bool = False, threads: int | None = None,
+        log=common.say) -> dict[str, Any]:
+    """Run the benchmark; ``threads`` None: 2 (1 for ``tiny``). Returns ``{"rows": [...], "times": {...}}``."""
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from femurseg import infer
+    from femurseg import predict as P
+    from femurseg.data.preprocess import preprocess_image, restore
+
+    torch.set_num_threads(common.default_threads(size) if threads is None else threads)
+    vol, prep, cfg = make_case(size)
+    model = build(cfg)
+    image, info = preprocess_image(vol.data, vol.spacing, prep)
+    x = torch.from_numpy(image)[None, None]
+    roi = tuple(image.shape)
+    pred = P.Predictor(run_dir=Path("."), models=[model], folds=[0], prep=prep, device=torch.device("cpu"))
+    log(f"inference[{size}]: scan {vol.data.shape} -> network input {image.shape}, model {cfg}")
+
+    def post(prob_pre: np.ndarray) -> np.ndarray:
+        """The predict path's restore + threshold 0.5 + largest component, for peers' probabilities."""
+        prob = restore(np.ascontiguousarray(prob_pre, dtype=np.float32), info, order=1)
+        return P.segment(prob, vol.spacing, threshold=0.5, postprocess="lcc", notify=lambda m: None)[0]
+
+    def femurseg_path() -> np.ndarray:
+        prob = P.predict_probability(pred, vol)
+        return P.segment(prob, vol.spacing, threshold=0.5, postprocess="lcc", notify=lambda m: None)[0]
+
+    def plain() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    def monai() -> torch.Tensor:
+        with torch.no_grad():
+            return sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=model)
+
+    engines = {"femurseg": femurseg_path, "monai": monai, "plain": plain}
+    setup: dict[str, float] = {}
+    if levers:
+        from femurseg import accel
+
+        for mode in LEVERS:
+            with common.stopwatch() as t, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fwd = accel.optimise_for_inference(model, tuple(x.shape), "cpu", mode)
+            setup[f"accel[{mode}]"] = t[0]
+            log(f"  accel[{mode}]: set-up {t[0]:.1f} s -> {fwd!r}")
+            engines[f"accel[{mode}]"] = (lambda f=fwd: f(x))
+
+    # first call of each engine (includes one-off set-up such as compilation) = warm-up
+    first: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
+    for name, fn in engines.items():
+        with common.stopwatch() as t:
+            outputs[name] = fn()
+        first[name] = t[0]
+        log(f"  warm-up {name}: {t[0]:.2f} s")
+    times = common.interleaved(engines, repeats, warmup=0, log=log)
+
+    # masks and agreement
+    def to_mask(name: str, out: Any) -> np.ndarray:
+        if name == "femurseg":
+            return np.asarray(out, bool)
+        prob = torch.softmax(out.float(), dim=1)[0, 1].numpy()
+        return post(prob).astype(bool)
+
+    masks = {n: to_mask(n, o) for n, o in outputs.items()}
+    ref = masks["plain"]
+    # peak memory: one more call of each engine, sampled (RSS above the level just before the call)
+    mem = {n: common.peak_memory_mb(fn) for n, fn in engines.items()}
+
+    machine = common.machine_info()
+    base = {"benchmark": f"inference_{size}", "scan": "x".join(map(str, vol.data.shape)),
+            "network_input": "x".join(map(str, image.shape)),
+            "model": f"unet3d F{cfg['features']} L{cfg['levels']} dil {','.join(map(str, cfg['dilations']))}"}
+    rows = []
+    t_plain, t_monai = common.median(times["plain"]), common.median(times["monai"])
+    for name in engines:
+        t = common.median(times[name])
+        rows.append({
+            **base,
+            "engine": name,
+            "covers": "whole predict path" if name == "femurseg" else "network only",
+            "seconds_median": t,
+            "seconds_min": min(times[name]),
+            "repeats": repeats,
+            "first_call_s": first[name],
+            "setup_s": setup.get(name, ""),
+            "peak_mem_mb": round(mem[name][0], 1),
+            "baseline_rss_mb": round(mem[name][1], 1),
+            "dice_vs_plain_fp32": round(common.dice(masks[name], ref), 6),
+            "mask_voxels": int(masks[name].sum()),
+            "speedup_vs_plain": t_plain / t,
+            "speedup_vs_plain_per_round": common.ratio_stats(times, "plain", name)[1],
+            "speedup_vs_monai": t_monai / t,
+            "speedup_vs_monai_per_round": common.ratio_stats(times, "monai", name)[1],
+            "accel_mode": _infer_mode(infer, model, x) if name == "femurseg" else "",
+            **machine,
+        })
+    for r in rows:
+        log(f"  {r['engine']:<22} {r['seconds_median']:8.3f} s  x{r['speedup_vs_plain']:.2f} vs plain  "
+            f"x{r['speedup_vs_monai']:.2f} vs monai  peak +{r['peak_mem_mb']:.0f} MiB  Dice {r['dice_vs_plain_fp32']:.5f}")
+    return {"rows": rows, "times": times}
+
+
+def _infer_mode(infer: Any, model: Any, x: Any) -> str:
+    """The acceleration mode infer used for this model (if infer applies femurseg.accel)."""
+    try:
+        from femurseg import accel
+
+        hits = accel._CACHE.get(model, {})
+        return ",".join(sorted({h.mode for h in hits.values()})) or "none"
+    except Exception:  # noqa: BLE001 - reporting only
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("paper", "demo", "tiny"), default="paper")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--levers", action="store_true", help="also time every femurseg.accel mode (network only)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS)
+    args = ap.parse_args(argv)
+    res = run(args.size, args.repeats, args.levers)
+    name = f"{'levers' if args.levers else 'inference'}_{args.size}.csv"
+    common.say(f"wrote {common.write_csv(res['rows'], args.out / name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""Fast inference of femurseg networks on the CPU (issue 8): the levers that pay, behind one call.
+
+:func:`optimise_for_inference` turns a network into a callable ``fwd(x) -> logits`` that gives the
+same logits as ``model(x)`` (float32, same shape, on ``x``'s device) but faster, by one of these
+**modes**:
+
+``"none"``
+    ``model(x)`` under ``torch.inference_mode`` (float32, eager): the reference.
+``"channels-last"``
+    float32 eager with the weights and the input in ``torch.channels_last_3d`` (NDHWC) memory
+    format, so oneDNN runs its blocked convolution kernels without reordering every tensor.
+``"compile"``
+    ``torch.compile`` (inductor, C++ back-end) with **freezing** (weights become constants, so
+    oneDNN pre-packs them and fuses bias + ReLU into the convolutions), channels-last, float32.
+    Same numbers as ``"none"`` up to float32 rounding (max |logit difference| ~1e-6). Costs a
+    one-off compilation per input shape (tens of seconds on 2 cores, see
+    ``benchmarks/results/SUMMARY.md``); needs a C++ compiler.
+``"bf16"`` / ``"compile-bf16"``
+    The same with bfloat16 autocast (bfloat16 multiplies, float32 accumulation): about twice as
+    fast again on CPUs with AVX512-BF16/AMX, but the logits move by ~1e-2, which flips voxels whose
+    foreground/background margin is that small. A trained network has few such voxels; a network
+    with random weights has many (Dice against float32 ~0.993 on the paper's input).
+``"onnx"``
+    ONNX Runtime (CPU execution provider, all graph optimisations), via
+    :func:`femurseg.export.export_onnx` and :class:`femurseg.export.OnnxModel`.
+``"auto"``
+    The fastest mode whose masks are float32-exact: see :data:`AUTO_CPU` (measured on the
+    reference machine; ``benchmarks/run_all.py``) and :func:`resolve_mode`. On CUDA: ``"none"``
+    (the caller's float16 autocast applies, as in :mod:`femurseg.infer`).
+
+**Fallback.** A mode that cannot run here (no C++ compiler for inductor, no onnxruntime, no
+bfloat16 support, an export or compile error) falls back to the next one in
+:data:`FALLBACK` -- never to an error -- and the returned callable records why in ``.reason``
+(``warn=True`` also issues a :class:`RuntimeWarning`).
+
+**Caching.** :func:`accelerated` memoises the callable per (model, weights version, input shape,
+device, mode), so the inference loop can ask for it on every forward pass: the compile/export
+cost is paid once per shape and redone automatically when the weights change (a training loop
+validating every epoch never sees stale weights).
+
+All callables take ``(B, C, *S)`` float tensors as the model does and return float32 logits
+``(B, num_classes, *S_out)``; they never modify the caller's model (they work on a copy when they
+change its memory format or dtype).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("auto", "none", "channels-last", "compile", "bf16", "compile-bf16", "onnx")
+"""Accepted ``mode`` values of :func:`optimise_for_inference`."""
+
+AUTO_CPU = "compile"
+"""What ``mode="auto"`` means on the CPU: the fastest float32-exact mode measured on the reference
+machine (2-core AMD EPYC, AVX512-BF16; ``benchmarks/results/SUMMARY.md``). bfloat16 modes are
+never chosen automatically: they move masks (Dice < 0.999 against float32 for untrained nets)."""
+
+FALLBACK = {
+    "compile-bf16": "bf16",
+    "compile": "channels-last",
+    "onnx": "channels-last",
+    "bf16": "channels-last",
+    "channels-last": "none",
+}
+"""Where a mode falls back to when it cannot run here."""
+
+ENV_MODE = "FEMURSEG_ACCEL"
+"""Environment variable that overrides the default mode of :func:`default_mode` (e.g. ``none``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def autocast_context(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the CPU, float16 on CUDA, or a null context when not ``enabled``."""
+    dev = torch.device(device)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16)
+
+
+def default_mode() -> str:
+    """The mode :mod:`femurseg.infer` uses: ``$FEMURSEG_ACCEL`` if set (one of :data:`MODES`), else "auto"."""
+    mode = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
+    return mode if mode in MODES else "auto"
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU has native bfloat16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def compiler_available() -> bool:
+    """Whether inductor's C++ back-end can find a compiler (``$CXX``, g++, c++ or clang++)."""
+    if os.environ.get("CXX") and shutil.which(os.environ["CXX"]):
+        return True
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def resolve_mode(mode: str, device: torch.device | str) -> str:
+    """``mode`` with "auto" replaced by the concrete mode for ``device`` (no availability checks)."""
+    if mode not in MODES:
+        raise ValueError(f"accel: mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    return AUTO_CPU if torch.device(device).type == "cpu" else "none"
+
+
+def _weights_version(model: nn.Module) -> tuple:
+    """Changes whenever a parameter/buffer is modified in place (optimiser steps, load_state_dict)."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The callable
+
+
+class Accelerated:
+    """``fwd(x)`` -> float32 logits; made by :func:`optimise_for_inference`.
+
+    Attributes:
+        mode: the mode actually used (after "auto" and any fallback).
+        requested: the mode asked for.
+        reason: why ``mode`` differs from the requested one ("" if it does not).
+        setup_s: seconds spent preparing (copy, export, compile + first call).
+        model: the original network (unchanged).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], mode: str, requested: str, model: nn.Module,
+                 reason: str = "", setup_s: float = 0.0, memory_format: torch.memory_format | None = None,
+                 bf16: bool = False) -> None:
+        self._fn = fn
+        self.mode = mode
+        self.requested = requested
+        self.reason = reason
+        self.setup_s = setup_s
+        self.model = model
+        self._memory_format = memory_format
+        self._bf16 = bf16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self._memory_format is not None and x.dim() == 5:
+                x = x.contiguous(memory_format=self._memory_format)
+            with autocast_context(x.device, self._bf16):
+                y = self._fn(x)
+            return y.float().contiguous()
+
+    def __repr__(self) -> str:
+        extra = f", reason={self.reason!r}" if self.reason else ""
+        return f"Accelerated(mode={self.mode!r}, requested={self.requested!r}, setup_s={self.setup_s:.1f}{extra})"
+
+
+def optimise_for_inference(model: nn.Module, example_shape: Sequence[int], device: torch.device | str = "cpu",
+                           mode: str = "auto", *, warn: bool = False) -> Accelerated:
+    """Prepare ``model`` for fast inference on inputs of ``example_shape`` ``(B, C, *S)``.
+
+    Args:
+        model: a femurseg network (moved to ``device`` and put in eval mode; otherwise unchanged).
+        example_shape: the input shape the callable will mostly see; compiled modes specialise
+            to it (another shape still works: it triggers one more compilation).
+        device: where to run.
+        mode: one of :data:`MODES` (see the module docstring).
+        warn: issue a RuntimeWarning when falling back to another mode.
+
+    Returns:
+        :class:`Accelerated`; ``fwd(x)`` returns float32 logits like ``model(x)``.
+        The preparation (export/compile) and one warm-up call on zeros of ``example_shape``
+        happen here, so failures fall back here and ``setup_s`` is the one-off cost.
+    """
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    requested = mode
+    mode = resolve_mode(mode, dev)
+    reasons: list[str] = []
+    shape = tuple(int(s) for s in example_shape)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            why = _unavailable(mode, model, dev, shape)
+            if why:
+                raise _Unavailable(why)
+            acc = _build(mode, model, dev, shape)
+            acc(torch.zeros(shape, device=dev))  # compile / warm-up; failures fall back
+            acc.setup_s = time.perf_counter() - t0
+            acc.requested = requested
+            acc.reason = "; ".join(reasons)
+            if reasons and warn:
+                warnings.warn(f"accel: using mode {mode!r}: {acc.reason}", RuntimeWarning, stacklevel=2)
+            return acc
+        except Exception as exc:  # noqa: BLE001 - any failure of an optional lever falls back
+            if mode not in FALLBACK:
+                raise
+            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            reasons.append(f"{mode} unavailable ({msg})")
+            mode = FALLBACK[mode]
+
+
+class _Unavailable(RuntimeError):
+    pass
+
+
+def _unavailable(mode: str, model: nn.Module, dev: torch.device, shape: tuple[int, ...]) -> str:
+    """Why ``mode`` cannot run here ("" if it can)."""
+    if mode in ("compile", "compile-bf16") and dev.type == "cpu" and not compiler_available():
+        return "no C++ compiler for torch.compile's inductor back-end"
+    if mode in ("bf16", "compile-bf16") and dev.type == "cpu" and not bf16_supported():
+        return "this CPU has no native bfloat16 support"
+    if mode == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed"
+        if not hasattr(model, "config"):
+            return "the model has no femurseg config (needed for the ONNX export)"
+    return ""
+
+
+def _channels_last_copy(model: nn.Module, dev: torch.device) -> nn.Module:
+    return copy.deepcopy(model).to(dev).eval().to(memory_format=torch.channels_last_3d)
+
+
+def _build(mode: str, model: nn.Module, dev: torch.device, shape: tuple[int, ...]) -> Accelerated:
+    three_d = len(shape) == 5
+    cl = torch.channels_last_3d if three_d else None
+    if mode == "none":
+        return Accelerated(model, mode, mode, model)
+    if mode in ("channels-last", "bf16"):
+        net = _channels_last_copy(model, dev) if three_d else model
+        return Accelerated(net, mode, mode, model, memory_format=cl, bf16=mode == "bf16")
+    if mode in ("compile", "compile-bf16"):
+        net = _channels_last_copy(model, dev) if three_d else copy.deepcopy(model).eval()
+        compiled = torch.compile(net, dynamic=False)
+
+        def run(x: torch.Tensor, _compiled=compiled) -> torch.Tensor:
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):  # read when a graph is compiled (first call / new shape)
+                return _compiled(x)
+
+        return Accelerated(run, mode, mode, model, memory_format=cl, bf16=mode == "compile-bf16")
+    if mode == "onnx":
+        from femurseg.export import OnnxModel, export_onnx
+
+        tmp = Path(tempfile.mkdtemp(prefix="femurseg-accel-"))
+        try:
+            path = export_onnx(model, tmp / "model.onnx")
+            engine = OnnxModel(path, device=str(dev), threads=torch.get_num_threads())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the session holds the model in memory
+        return Accelerated(engine, mode, mode, model)
+    raise ValueError(f"accel: mode {mode!r} is not one of {', '.join(MODES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memoised access for the inference loop
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Accelerated]] = weakref.WeakKeyDictionary()
+
+
+def accelerated(model: nn.Module, example_shape: Sequence[int], device: torch.device | str = "cpu",
+                mode: str | None = None) -> Accelerated:
+    """:func:`optimise_for_inference`, memoised per (model, weights version, shape, device, mode).
+
+    ``mode=None`` uses :func:`default_mode`. A model whose weights changed since (an optimiser
+    step, ``load_state_dict``) gets a fresh callable; older entries of that model are dropped.
+    """
+    mode = default_mode() if mode is None else mode
+    dev = torch.device(device)
+    shape = tuple(int(s) for s in example_shape)
+    if resolve_mode(mode, dev) == "none":  # nothing to prepare or cache
+        return Accelerated(model.to(dev).eval(), "none", mode, model)
+    version = _weights_version(model)
+    key = (version, shape, str(dev), mode)
+    per_model = _CACHE.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is None:
+        for k in [k for k in per_model if k[0] != version]:
+            del per_model[k]
+        hit = optimise_for_inference(model, shape, dev, mode, warn=True)
+        per_model[key] = hit
+    return hit
+
+
+def clear_cache() -> None:
+    """Forget every memoised callable (frees compiled graphs and ONNX sessions)."""
+    _CACHE.clear()
+
+
+def describe() -> dict[str, Any]:
+    """What this machine supports (for logs and the benchmark summary)."""
+    return {
+        "auto_cpu": AUTO_CPU,
+        "bf16_supported": bf16_supported(),
+        "compiler_available": compiler_available(),
+        "threads": torch.get_num_threads(),
+    }
