@@ -255,6 +255,168 @@ def experiment(
                                   device=device, panels=not no_panels, progress=not quiet))
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), help="Folder for the phantom data, the cv run and the report."),
+    n: int = typer.Option(16, "--n", min=4, help="Number of phantom cases."),
+    seed: int = typer.Option(0, help="Seed of the phantoms, the split and the training."),
+    max_epochs: Optional[int] = typer.Option(None, help="Cap the epochs per fold (default: the preset's early stopping)."),
+) -> None:
+    """The whole study in miniature: phantoms -> 4-fold cv of the dilated 3D U-Net -> evaluation -> report."""
+    from femurseg.demo import format_summary, run_demo
+
+    hl = run_demo(out, n=n, seed=seed, max_epochs=max_epochs)
+    typer.echo(format_summary(hl))
+
+
+def _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs, min_epochs,
+                      patience, patch_size, crop_slices, target_size, scale, normalise, threads) -> dict:
+    """Partial model / preprocessing / training dicts from the shared cv/train options (None = preset)."""
+    model_cfg = {k: v for k, v in {"name": model, "features": features, "levels": levels, "norm": norm,
+                                   "dropout": dropout}.items() if v is not None}
+    if dilations is not None:
+        model_cfg["dilations"] = None if dilations.strip().lower() in ("", "none", "0") else list(_parse_ints(dilations, None, "--dilations"))
+    prep = {}
+    if crop_slices is not None:
+        prep["crop_slices"] = None if crop_slices <= 0 else crop_slices
+    if target_size is not None:
+        prep["target_size"] = list(_parse_ints(target_size, 2, "--target-size"))
+        prep["scale"] = None
+    if scale is not None:
+        prep["scale"] = scale
+    if normalise is not None:
+        prep["normalise"] = normalise
+    train = {k: v for k, v in {"loss": loss, "lr": lr, "batch_size": batch_size, "max_epochs": max_epochs,
+                               "min_epochs": min_epochs, "patience": patience, "threads": threads}.items() if v is not None}
+    if patch_size is not None:
+        train["patch_size"] = list(_parse_ints(patch_size, 3, "--patch-size"))
+    return {"model_cfg": model_cfg or None, "prep_cfg": prep or None, "train_cfg": train or None}
+
+
+_MODEL_HELP = "Architecture: unet3d, unet2d, unet2d-unpadded, vnet, patchcnn (see `femurseg models`)."
+
+
+@app.command()
+def cv(
+    dataset: Path = typer.Argument(..., help="nnU-Net dataset folder or CSV manifest."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create."),
+    preset: str = typer.Option("default", help="default (CPU-friendly, demo scale) or paper (001: F 32, L 4, dilations 1,2,4,8, 256x256, lr 5e-5)."),
+    task: str = typer.Option("binary", help="binary (femur vs background) or cascade (CT: periosteal then endosteal, paper 003)."),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    features: Optional[int] = typer.Option(None, help="Initial feature maps F (16, 32, 64)."),
+    levels: Optional[int] = typer.Option(None, help="Levels L of the contracting/expanding paths (3 or 4)."),
+    dilations: Optional[str] = typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8 ('none' to switch off)."),
+    norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
+    folds: int = typer.Option(4, help="k of k-fold cross-validation (paper: 4)."),
+    seed: int = typer.Option(0, help="Seed of the split, the initial weights and every epoch."),
+    group_by: str = typer.Option("case", help="case, or subject (keep all cases of one subject in one fold)."),
+    split: Optional[Path] = typer.Option(None, help="Reuse the folds of a split.json or of another run folder."),
+    inner_val: float = typer.Option(0.0, help="Fraction of each fold's training cases used for early stopping (0: the held-out fold, as the paper)."),
+    loss: Optional[str] = typer.Option(None, help="wce (paper Eq. 1, inverse-frequency reading), wce-literal, dice, dice+ce."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
+    max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
+    min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop (paper: 30)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without an improvement of 1e-4 (paper: 10)."),
+    patch_size: Optional[str] = typer.Option(None, help="3D random patches D,H,W instead of whole volumes."),
+    crop_slices: Optional[int] = typer.Option(None, help="Keep the central N coronal slices (paper: 48; 0: all)."),
+    target_size: Optional[str] = typer.Option(None, help="Resample slices in-plane to ROWS,COLS (paper: 256,256)."),
+    scale: Optional[float] = typer.Option(None, help="In-plane zoom factor when no --target-size (default preset: 0.5)."),
+    normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last complete epoch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    backend: str = typer.Option("local", help="local, or ray (one Ray task per fold)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
+    num_cpus: float = typer.Option(1.0, help="CPUs per Ray fold task."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per Ray fold task."),
+    max_retries: int = typer.Option(3, help="Ray retries of a failed fold task."),
+    ddp: bool = typer.Option(False, "--ddp", help="Run as one rank of a torchrun job (DistributedDataParallel)."),
+) -> None:
+    """Cross-validate a model (paper 001 protocol): k stratified folds, out-of-fold predictions, PR threshold."""
+    from femurseg.distributed import backend_from_options
+
+    opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
+                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads)
+    be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
+    if task == "cascade":
+        from femurseg import ct
+
+        if be != "local":
+            raise FemursegError("--task cascade: runs on the local backend only")
+        summary = ct.run_cascade_cv(dataset, out, folds=folds, seed=seed, group_by=group_by, split_file=split,
+                                    resume=resume, overwrite=overwrite, device=device, **opts)
+        typer.echo(ct.format_cascade_report(summary))
+        return
+    if task != "binary":
+        raise FemursegError(f"--task: expected binary or cascade, got {task!r}")
+    from femurseg.cv import run_cv
+
+    res = run_cv(dataset, out, preset=preset, folds=folds, seed=seed, group_by=group_by, split_file=split,
+                 inner_val=inner_val, resume=resume, overwrite=overwrite, device=device, backend=be, ddp=ddp, **opts)
+    _echo_cv_summary(res.summary, out)
+
+
+def _echo_cv_summary(summary: dict, out: Path) -> None:
+    m = {k.removeprefix("mean_"): v for k, v in summary.items() if k.startswith("mean_")}
+    parts = [f"{k.upper()} {m[k]:.3f}" for k in ("dsc", "precision", "recall") if isinstance(m.get(k), (int, float))]
+    parts += [f"{k.removesuffix('_mm').upper()} {m[k]:.2f} mm" for k in ("asd_mm", "msd_mm") if isinstance(m.get(k), (int, float))]
+    typer.echo(f"run: {out}" + (f"  out-of-fold mean: {', '.join(parts)}" if parts else ""))
+
+
+@app.command()
+def train(
+    dataset: Path = typer.Argument(..., help="nnU-Net dataset folder or CSV manifest."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create."),
+    preset: str = typer.Option("default", help="default or paper."),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    features: Optional[int] = typer.Option(None, help="Initial feature maps F."),
+    levels: Optional[int] = typer.Option(None, help="Levels L."),
+    dilations: Optional[str] = typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8."),
+    norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
+    val_fraction: float = typer.Option(0.2, help="Held-out fraction for early stopping (0: train on all cases)."),
+    seed: int = typer.Option(0, help="Seed."),
+    loss: Optional[str] = typer.Option(None, help="wce, wce-literal, dice, dice+ce."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (per rank under --ddp)."),
+    max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
+    min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
+    patch_size: Optional[str] = typer.Option(None, help="3D random patches D,H,W."),
+    crop_slices: Optional[int] = typer.Option(None, help="Keep the central N coronal slices (0: all)."),
+    target_size: Optional[str] = typer.Option(None, help="Resample slices in-plane to ROWS,COLS."),
+    scale: Optional[float] = typer.Option(None, help="In-plane zoom factor when no --target-size."),
+    normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    ddp: bool = typer.Option(False, "--ddp", help="Run as one rank of a torchrun job (DistributedDataParallel)."),
+) -> None:
+    """Train one model (same run layout as cv, with one fold) for `femurseg predict`."""
+    from femurseg.cv import run_train
+
+    opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
+                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads)
+    res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
+                    overwrite=overwrite, device=device, ddp=ddp, **opts)
+    _echo_cv_summary(res.summary, out)
+
+
+@app.command("plot-training")
+def plot_training(
+    run: Path = typer.Argument(..., help="Run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG path (default: RUN/training.png)."),
+) -> None:
+    """Train/validation loss curves per fold, like the paper's Fig. 7."""
+    from femurseg.report.training import plot_training as plot
+
+    typer.echo(str(plot(run, out)))
+
+
 def main() -> None:
     """Console entry point."""
     try:
