@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -171,7 +172,7 @@ def _run_done(path: Path) -> bool:
 
 
 def _train(entry: Mapping[str, Any], dataset: Path, run_dir: Path, split_file: Path, scale: str, seed: int,
-           device: str | None, progress: bool, notify: Notify) -> None:
+           device: str | None, progress: bool, notify: Notify, backend: Any = "local") -> None:
     from femurseg.cv import run_cv
 
     if _run_done(run_dir):
@@ -183,7 +184,7 @@ def _train(entry: Mapping[str, Any], dataset: Path, run_dir: Path, split_file: P
     notify(f"{entry['id']}: training {entry['label']} ({st['folds']}-fold cv{', resumed' if resume else ''})")
     run_cv(dataset, run_dir, model_cfg=dict(entry["model"]), prep_cfg=st["prep_cfg"], train_cfg=st["train_cfg"],
            preset=st["preset"], folds=st["folds"], seed=seed, split_file=split_file, resume=resume,
-           device=device, progress=progress)
+           device=device, progress=progress, backend=backend)
     notify(f"{entry['id']}: done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -212,8 +213,12 @@ def run_experiment(
     progress: bool = True,
     panels: bool = True,
     notify: Notify | None = None,
+    backend: Any = "local",
 ) -> dict[str, Any]:
     """Run the grid (see the module docstring); resumable: finished runs are skipped.
+
+    ``backend`` "ray" (or a :class:`femurseg.distributed.RayBackend`): each stage's runs are started
+    together and every (configuration, fold) is one Ray task (:func:`femurseg.distributed.run_jobs`).
 
     Returns ``{"grid": [...resolved entries], "best": {"2d": id, "3d": id}, "reports": {...},
     "results": [grid.csv rows], "seconds": float}``.
@@ -221,9 +226,11 @@ def run_experiment(
     from femurseg import compare as cmp
     from femurseg.data.dataset import load_checked
     from femurseg.data.splits import load_split, split_dataset
+    from femurseg.distributed import resolve_backend, run_jobs
     from femurseg.evaluate import write_csv
 
     say: Notify = notify or (lambda m: print(f"femurseg: {m}", file=sys.stderr))
+    backend = resolve_backend(backend) or "local"  # fails now if Ray is asked for but missing
     if name not in EXPERIMENTS:
         raise FemursegError(f"experiment: unknown experiment {name!r} (available: {', '.join(EXPERIMENTS)})")
     grid = select_grid(paper_grid(scale), models)
@@ -249,8 +256,9 @@ def run_experiment(
 
     # stage 1
     stage1 = [e for e in grid if e["stage"] == 1]
-    for e in stage1:
-        _train(e, Path(dataset), outp / "runs" / e["id"], split_file, scale, seed, device, progress, say)
+    jobs = lambda entries: [functools.partial(_train, e, Path(dataset), outp / "runs" / e["id"], split_file, scale, seed,  # noqa: E731
+                                              device, progress and backend == "local", say, backend) for e in entries]
+    run_jobs(jobs(stage1), backend)
     evaluated: dict[tuple[str, str], cmp.ModelResult] = {}
 
     def result(e: Mapping[str, Any], pp: str) -> cmp.ModelResult:
@@ -277,8 +285,8 @@ def run_experiment(
         if r is None:
             say(f"{e['id']}: skipped (no {e['family'].upper()} network in stage 1 to extend)")
             continue
-        _train(r, Path(dataset), outp / "runs" / r["id"], split_file, scale, seed, device, progress, say)
         resolved.append(r)
+    run_jobs(jobs(resolved[len(stage1):]), backend)
     (outp / "grid.json").write_text(json.dumps({"experiment": name, "scale": scale, "grid": resolved,
                                                 "best": {k: v["id"] for k, v in best.items()}}, indent=1))
 
