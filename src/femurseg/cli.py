@@ -246,13 +246,20 @@ def experiment(
     device: Optional[str] = typer.Option(None, help="cuda, cpu or auto (default)."),
     no_panels: bool = typer.Option(False, "--no-panels", help="Skip the case panels in the reports."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    backend: str = typer.Option("local", help="local, or ray (every (model, fold) of a stage is one Ray task)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
+    num_cpus: float = typer.Option(1.0, help="CPUs per Ray fold task."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per Ray fold task."),
+    max_retries: int = typer.Option(3, help="Ray retries of a failed fold task."),
 ) -> None:
     """Run the paper's model grid on one shared split, select thresholds, evaluate and compare."""
+    from femurseg.distributed import backend_from_options
     from femurseg.experiment import experiment_command
 
     pats = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     typer.echo(experiment_command(name, dataset, out, scale=scale, models=pats, dry_run=dry_run, seed=seed,
-                                  device=device, panels=not no_panels, progress=not quiet))
+                                  device=device, panels=not no_panels, progress=not quiet, backend=be))
 
 
 @app.command()
