@@ -9,12 +9,13 @@ anisotropic voxels (MR: 1.5 x 0.234 x 0.234 mm) are handled.
 
 The rule
 --------
-1. **Shaft axis.** Straight line fitted (least squares) through the centres of the largest
-   inscribed circles of the mask's axial cross-sections (constant row) over the distal
-   ``shaft_fraction`` (20 %, at least 10 mm) of its superior-inferior extent; the inscribed
-   circle, unlike the centroid, is not dragged medially by the lesser trochanter. Direction
-   points distally (towards larger row index). The shaft radius is the equivalent-circle
-   radius of the median section area.
+1. **Shaft axis.** Straight line fitted through the centres of the largest inscribed circles of
+   the mask's axial cross-sections (constant row) over the distal ``shaft_fraction`` (30 %, at
+   least 10 mm) of its superior-inferior extent, by iteratively reweighted least squares (rows
+   whose centre jumps off the line, e.g. at the lesser trochanter or a ragged predicted edge,
+   count less); the inscribed circle, unlike the centroid, is not dragged medially by the
+   lesser trochanter. Direction points distally (towards larger row index). The shaft radius
+   is the equivalent-circle radius of the median section area.
 2. **Femoral head.** The mask voxel farthest from the shaft axis lies on the medial surface of
    the head (the head sticks out medially by the femoral offset plus the head radius, far more
    than the greater trochanter sticks out laterally). The maximum of the mask's distance
@@ -206,10 +207,15 @@ def _fit_shaft(m: np.ndarray, sp: np.ndarray, fraction: float) -> tuple[np.ndarr
     if len(ys) < 3:
         raise FemursegError("mask is too short along the superior-inferior axis to find the femoral shaft")
     ys_, ca_, cl_ = np.asarray(ys), np.asarray(ca), np.asarray(cl)
-    ka = np.polyfit(ys_, ca_, 1)[0]
-    kl = np.polyfit(ys_, cl_, 1)[0]
-    direction = _unit(np.array([ka, 1.0, kl]))
-    point = np.array([ca_.mean(), ys_.mean(), cl_.mean()])
+    w = np.ones_like(ys_)
+    for _ in range(3):  # iteratively reweighted: rows whose centre jumps (a bump, a noisy edge) count less
+        pa, pl = np.polyfit(ys_, ca_, 1, w=w), np.polyfit(ys_, cl_, 1, w=w)
+        res = np.hypot(ca_ - np.polyval(pa, ys_), cl_ - np.polyval(pl, ys_))
+        scale = 1.4826 * float(np.median(res)) + 0.3
+        w = 1.0 / np.maximum(1.0, (res / (2.0 * scale)) ** 2)
+    direction = _unit(np.array([pa[0], 1.0, pl[0]]))
+    y0 = float(np.average(ys_, weights=w))
+    point = np.array([np.polyval(pa, y0), y0, np.polyval(pl, y0)])
     area = float(np.median(areas)) * abs(direction[1])  # section area perpendicular to the axis
     return point, direction, float(np.sqrt(area / np.pi))
 
@@ -363,7 +369,7 @@ def _no_head(why: str) -> FemursegError:
     return FemursegError(f"mask has no recognisable femoral head ({why}); expected a proximal femur mask")
 
 
-def fit_femur(mask: np.ndarray, spacing: tuple[float, float, float], *, shaft_fraction: float = 0.2,
+def fit_femur(mask: np.ndarray, spacing: tuple[float, float, float], *, shaft_fraction: float = 0.3,
               neck_flare: float = 1.5) -> FemurFit:
     """Fit the head sphere, neck and shaft axes of a proximal femur mask (rule: module docstring).
 
