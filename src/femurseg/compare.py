@@ -368,7 +368,7 @@ def case_panels(
             meshes.append((f"meshes/{stem}.png", f"{name}: rendering (anterior and posterior views)"))
         png = out / f"case_{_safe(case)}.png"
         modality = str(runs[0].evaluation.config.get("modality", "MR"))
-        figures.case_panel_figure(image, ref, per_model, spacing, png, title=f"case {case} ({label} of {models[0].name})",
+        figures.case_panel_figure(image, ref, per_model, spacing, png, title=f"case {case} ({label})" if label == "chosen" else f"case {case} ({label} of {models[0].name})",
                                   surface_vmax=vmax, modality=modality)
         results.append({"case": case, "label": label, "png": png.name, "meshes": meshes, "vmax": vmax})
     return results

@@ -342,9 +342,11 @@ def case_panel_figure(
     crop_w = (cols.stop - cols.start) * spacing[2]
     panel_h = 2.6
     panel_w = float(np.clip(panel_h * crop_w / crop_h, 1.6, 4.0))
-    fig = plt.figure(figsize=(3 * panel_w + panel_h * 1.15 + 0.8, panel_h * n + 0.7))
+    fig_h = panel_h * n + 1.3
+    fig = plt.figure(figsize=(3 * panel_w + panel_h * 1.15 + 0.8, fig_h))
     widths = [panel_w, panel_w, panel_w, panel_h * 1.15]
-    gs = fig.add_gridspec(n, 4, width_ratios=widths, wspace=0.06, hspace=0.18)
+    gs = fig.add_gridspec(n, 4, width_ratios=widths, wspace=0.06, hspace=0.18, top=1 - 0.55 / fig_h,
+                          bottom=0.75 / fig_h, left=0.04, right=0.99)
     fpfn = ListedColormap([(0, 0, 0, 0), (0.85, 0.1, 0.1, 0.75), (0.15, 0.35, 0.95, 0.75)])
     prob_im = None
     for i, (name, m) in enumerate(models.items()):
@@ -391,17 +393,17 @@ def case_panel_figure(
         if i == 0:
             ax.set_title("3D surface: distance to ref.")
     if prob_im is not None:
-        cax = fig.add_axes([0.1, 0.035, 0.22, 0.012])
+        cax = fig.add_axes([0.1, 0.32 / fig_h, 0.22, 0.1 / fig_h])
         cb = fig.colorbar(prob_im, cax=cax, orientation="horizontal")
         cb.set_label("femur probability", fontsize=7)
         cb.ax.tick_params(labelsize=7)
-    cax = fig.add_axes([0.72, 0.035, 0.22, 0.012])
+    cax = fig.add_axes([0.72, 0.32 / fig_h, 0.22, 0.1 / fig_h])
     cb = fig.colorbar(ScalarMappable(norm=Normalize(-surface_vmax, surface_vmax), cmap=DISTANCE_CMAP), cax=cax,
                       orientation="horizontal")
     cb.set_label("surface distance [mm] (+ outside ref., - inside)", fontsize=7)
     cb.ax.tick_params(labelsize=7)
     if title:
-        fig.suptitle(title, fontsize=10, y=0.995)
+        fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig_h, va="top")
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
     plt.close(fig)
