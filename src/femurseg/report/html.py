@@ -23,6 +23,7 @@ import base64
 import datetime
 import html
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,10 @@ h3 { font-size: 1.05em; margin-top: 1.4em; }
 p.meta { color: #5a6570; font-size: .9em; }
 .tablewrap { overflow-x: auto; }
 table { border-collapse: collapse; margin: .6em 0 .3em; font-size: .88em; }
-th, td { padding: .3em .7em; text-align: right; border-bottom: 1px solid #dde3e8; white-space: nowrap; }
+th, td { padding: .3em .7em; text-align: left; border-bottom: 1px solid #dde3e8; white-space: nowrap; }
 th { background: #eef3f7; border-bottom: 2px solid #9fb3c8; }
-td:first-child, th:first-child { text-align: left; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.sig { text-align: center; }
 tr:hover td { background: #f7fafc; }
 .caption { font-size: .85em; color: #4a5560; margin: .2em 0 1.2em; max-width: 60em; }
 figure { margin: 1em 0 1.6em; }
@@ -125,14 +127,30 @@ def _cell(value: Any, fmt: str) -> str:
     return "" if value is None else str(value)
 
 
+_NUMERIC = re.compile(r"^[(+\-−]?(\d+(\.\d*)?(e[+-]?\d+)?|\.\d+|∞|–)([\s±%,)]|$)")
+
+
+def _is_numeric(text: str) -> bool:
+    """A cell that reads as a number ("0.95 ± 0.01", "12", "(3.1, 0.2, 5.0)", "∞"), not "3D U-Net"."""
+    return bool(_NUMERIC.match(text))
+
+
 def _table_html(t: Table) -> str:
-    out = ["<div class=\"tablewrap\"><table>", "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in t.columns) + "</tr></thead>", "<tbody>"]
-    for row in t.rows:
-        vals = [row.get(c, "") for c in t.columns] if isinstance(row, Mapping) else list(row)
+    rows = [[row.get(c, "") for c in t.columns] if isinstance(row, Mapping) else list(row) for row in t.rows]
+    texts = [[_cell(v, t.float_fmt) for v in vals] for vals in rows]
+    numeric = [bool(texts) and all(_is_numeric(r[j]) or not r[j] for r in texts if j < len(r))
+               and any(j < len(r) and r[j] for r in texts) for j in range(len(t.columns))]
+    head = "".join(f"<th class=\"num\">{html.escape(c)}</th>" if numeric[j] else f"<th>{html.escape(c)}</th>"
+                   for j, c in enumerate(t.columns))
+    out = ["<div class=\"tablewrap\"><table>", f"<thead><tr>{head}</tr></thead>", "<tbody>"]
+    for r in texts:
         cells = []
-        for v in vals:
-            text = _cell(v, t.float_fmt)
+        for j, text in enumerate(r):
             cls = (t.cell_class or {}).get(text)
+            if cls:
+                cls += " sig"
+            elif j < len(numeric) and numeric[j]:
+                cls = "num"
             cells.append(f"<td class=\"{cls}\">{html.escape(text)}</td>" if cls else f"<td>{html.escape(text)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div>")
