@@ -293,8 +293,8 @@ class RunEvaluation:
         from femurseg import metrics
 
         c = metrics.curves_from_counts(self.pos, self.neg)
-        c["auc"] = metrics._auc_from_curves(c)
-        c["ap"] = metrics._ap_from_curves(c)
+        c["auc"] = metrics.auc_from_curves(c)
+        c["ap"] = metrics.ap_from_curves(c)
         return c
 
     def seconds_per_case(self) -> float | None:
