@@ -1,7 +1,7 @@
 """Benchmark 1-2: inference time per subject, peak memory and mask agreement, femurseg vs peers.
 
     .venv/bin/python benchmarks/bench_inference.py [--size paper|demo|tiny] [--repeats 5]
-                                                   [--levers] [--out benchmarks/results/]
+                                                   [--levers [MODE ...]] [--out benchmarks/results/]
 
 Network: paper 001's best 3D network, ``build_model({"name": "unet3d", "features": 32,
 "levels": 4, "dilations": [1, 2, 4, 8]})`` with random but fixed weights (``torch.manual_seed(0)``
@@ -21,6 +21,8 @@ Engines, timed interleaved in one process (see ``benchmarks/common.py``):
   preprocess, :func:`femurseg.infer.predict_prob` (whatever acceleration infer applies by
   default), restore to the original grid, threshold 0.5, largest connected component
   (:func:`femurseg.predict.predict_probability` + :func:`femurseg.predict.segment`).
+* ``femurseg-network``: :func:`femurseg.infer.predict_prob` on the preprocessed volume (the
+  network part of the path, with its softmax), to compare like with like.
 * ``monai``: the same network on the same preprocessed volume through
   ``monai.inferers.sliding_window_inference`` with MONAI's defaults (``sw_batch_size=1``,
   ``overlap=0.25``, ``mode="constant"``) and ``roi_size`` = the whole preprocessed volume, which
@@ -28,7 +30,8 @@ Engines, timed interleaved in one process (see ``benchmarks/common.py``):
   volumes), so MONAI runs one window; network only (no pre/post-processing).
 * ``plain``: ``model(x)`` in float32 eager PyTorch under ``torch.no_grad`` (network only).
 
-Peers' times cover the network alone, femurseg's the whole path, so the ratios are conservative.
+Peers' times cover the network alone, femurseg's the whole path, so its ratios are conservative.
+Peak memory is sampled during the first timed round (RSS above the level before the call).
 Agreement: every engine's probabilities go through the same restore / threshold / largest
 component (outside the timed region for the peers) and the masks' Dice against ``plain`` is
 reported. ``--levers`` adds one row per acceleration mode of :mod:`femurseg.accel` (network only,
@@ -43,6 +46,7 @@ import argparse
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +56,13 @@ import common  # noqa: E402
 
 MODEL = {"name": "unet3d", "features": 32, "levels": 4, "dilations": [1, 2, 4, 8]}
 TINY_MODEL = {"name": "unet3d", "features": 4, "levels": 2, "dilations": [1, 2]}
-LEVERS = ("channels-last", "bf16", "compile", "compile-bf16", "onnx")
+LEVERS = ("channels-last", "fused", "compile", "onnx", "bf16", "compile-bf16")
+COVERS = {
+    "femurseg": "whole predict path: preprocess, network, restore, threshold, largest component",
+    "femurseg-network": "network only: femurseg.infer.predict_prob (softmax included)",
+    "monai": "network only: sliding_window_inference, roi = whole volume",
+    "plain": "network only: model(x), float32 eager",
+}
 
 
 def make_case(size: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -85,7 +95,7 @@ def build(model_config: dict[str, Any]):
     return build_model(dict(model_config)).eval()
 
 
-def run(size: str = "paper", repeats: int = 5, levers: bool = False, threads: int | None = None,
+def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threads: int | None = None,
         log=common.say) -> dict[str, Any]:
     """Run the benchmark; ``threads`` None: 2 (1 for ``tiny``). Returns ``{"rows": [...], "times": {...}}``."""
     import numpy as np
@@ -122,12 +132,15 @@ def run(size: str = "paper", repeats: int = 5, levers: bool = False, threads: in
         with torch.no_grad():
             return sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=model)
 
-    engines = {"femurseg": femurseg_path, "monai": monai, "plain": plain}
+    def femurseg_network() -> np.ndarray:
+        return infer.predict_prob(model, image, device="cpu")
+
+    engines = {"femurseg": femurseg_path, "femurseg-network": femurseg_network, "monai": monai, "plain": plain}
     setup: dict[str, float] = {}
     if levers:
         from femurseg import accel
 
-        for mode in LEVERS:
+        for mode in levers:
             with common.stopwatch() as t, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 fwd = accel.optimise_for_inference(model, tuple(x.shape), "cpu", mode)
@@ -143,19 +156,20 @@ def run(size: str = "paper", repeats: int = 5, levers: bool = False, threads: in
             outputs[name] = fn()
         first[name] = t[0]
         log(f"  warm-up {name}: {t[0]:.2f} s")
-    times = common.interleaved(engines, repeats, warmup=0, log=log)
+    mem: dict[str, tuple[float, float]] = {}
+    times = common.interleaved(engines, repeats, warmup=0, log=log, peak_mb=mem)
 
     # masks and agreement
     def to_mask(name: str, out: Any) -> np.ndarray:
         if name == "femurseg":
             return np.asarray(out, bool)
+        if isinstance(out, np.ndarray):  # femurseg-network: probabilities already
+            return post(out).astype(bool)
         prob = torch.softmax(out.float(), dim=1)[0, 1].numpy()
         return post(prob).astype(bool)
 
     masks = {n: to_mask(n, o) for n, o in outputs.items()}
     ref = masks["plain"]
-    # peak memory: one more call of each engine, sampled (RSS above the level just before the call)
-    mem = {n: common.peak_memory_mb(fn) for n, fn in engines.items()}
 
     machine = common.machine_info()
     base = {"benchmark": f"inference_{size}", "scan": "x".join(map(str, vol.data.shape)),
@@ -168,12 +182,13 @@ def run(size: str = "paper", repeats: int = 5, levers: bool = False, threads: in
         rows.append({
             **base,
             "engine": name,
-            "covers": "whole predict path" if name == "femurseg" else "network only",
+            "covers": COVERS.get(name, "network only (femurseg.accel mode)"),
             "seconds_median": t,
             "seconds_min": min(times[name]),
             "repeats": repeats,
             "first_call_s": first[name],
             "setup_s": setup.get(name, ""),
+            "seconds_per_round": " ".join(f"{v:.3f}" for v in times[name]),
             "peak_mem_mb": round(mem[name][0], 1),
             "baseline_rss_mb": round(mem[name][1], 1),
             "dice_vs_plain_fp32": round(common.dice(masks[name], ref), 6),
@@ -182,7 +197,7 @@ def run(size: str = "paper", repeats: int = 5, levers: bool = False, threads: in
             "speedup_vs_plain_per_round": common.ratio_stats(times, "plain", name)[1],
             "speedup_vs_monai": t_monai / t,
             "speedup_vs_monai_per_round": common.ratio_stats(times, "monai", name)[1],
-            "accel_mode": _infer_mode(infer, model, x) if name == "femurseg" else "",
+            "accel_mode": _infer_mode(model) if name.startswith("femurseg") else "",
             **machine,
         })
     for r in rows:
@@ -191,7 +206,7 @@ def run(size: str = "paper", repeats: int = 5, levers: bool = False, threads: in
     return {"rows": rows, "times": times}
 
 
-def _infer_mode(infer: Any, model: Any, x: Any) -> str:
+def _infer_mode(model: Any) -> str:
     """The acceleration mode infer used for this model (if infer applies femurseg.accel)."""
     try:
         from femurseg import accel
@@ -206,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("paper", "demo", "tiny"), default="paper")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--levers", action="store_true", help="also time every femurseg.accel mode (network only)")
+    ap.add_argument("--levers", nargs="*", default=None, metavar="MODE",
+                    help=f"also time femurseg.accel modes, network only (no MODE: {' '.join(LEVERS)})")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     args = ap.parse_args(argv)
-    res = run(args.size, args.repeats, args.levers)
-    name = f"{'levers' if args.levers else 'inference'}_{args.size}.csv"
+    levers = () if args.levers is None else (args.levers or LEVERS)
+    res = run(args.size, args.repeats, levers)
+    name = f"{'levers' if levers else 'inference'}_{args.size}.csv"
     common.say(f"wrote {common.write_csv(res['rows'], args.out / name)}")
     return 0
 

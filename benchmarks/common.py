@@ -163,10 +163,14 @@ def peak_memory_mb(fn: Callable[[], Any]) -> tuple[float, float]:
 
 
 def interleaved(engines: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+                log: Callable[[str], None] | None = None,
+                peak_mb: dict[str, tuple[float, float]] | None = None) -> dict[str, list[float]]:
     """Time every engine ``repeats`` times, interleaved (rotating order), after ``warmup`` calls each.
 
     Returns ``{name: [seconds, ...]}`` in round order (round r of every engine ran close in time).
+    With ``peak_mb`` (a dict to fill), the first timed round also samples each engine's peak
+    memory (:class:`PeakRSS`: ``(peak above the RSS before the call, that RSS)`` in MiB); the
+    2 ms sampling thread costs nothing measurable next to calls of a second or more.
     """
     names = list(engines)
     for _ in range(warmup):
@@ -176,9 +180,17 @@ def interleaved(engines: dict[str, Callable[[], Any]], repeats: int, warmup: int
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            engines[n]()
-            times[n][r] = time.perf_counter() - t0
+            if peak_mb is not None and r == 0:
+                with PeakRSS() as p:
+                    t0 = time.perf_counter()
+                    out = engines[n]()
+                    times[n][r] = time.perf_counter() - t0
+                    del out
+                peak_mb[n] = (p.peak_mb, p.base_mb)
+            else:
+                t0 = time.perf_counter()
+                engines[n]()
+                times[n][r] = time.perf_counter() - t0
         if log:
             log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][r]:.3f}s" for n in names))
     return times

@@ -9,6 +9,12 @@ same logits as ``model(x)`` (float32, same shape, on ``x``'s device) but faster,
 ``"channels-last"``
     float32 eager with the weights and the input in ``torch.channels_last_3d`` (NDHWC) memory
     format, so oneDNN runs its blocked convolution kernels without reordering every tensor.
+``"fused"``
+    float32 eager, channels-last, with every convolution (and transposed convolution) and the
+    ReLU after it replaced by one oneDNN call (``torch.ops.mkldnn._convolution_pointwise``,
+    ReLU fused as a post-op) on weights **pre-packed** once into oneDNN's blocked layout for
+    the input shape -- what inductor's freezing does, without compiling anything. Same
+    numbers as ``"none"`` up to float32 rounding; no set-up cost beyond one pass.
 ``"compile"``
     ``torch.compile`` (inductor, C++ back-end) with **freezing** (weights become constants, so
     oneDNN pre-packs them and fuses bias + ReLU into the convolutions), channels-last, float32.
@@ -16,10 +22,11 @@ same logits as ``model(x)`` (float32, same shape, on ``x``'s device) but faster,
     one-off compilation per input shape (tens of seconds on 2 cores, see
     ``benchmarks/results/SUMMARY.md``); needs a C++ compiler.
 ``"bf16"`` / ``"compile-bf16"``
-    The same with bfloat16 autocast (bfloat16 multiplies, float32 accumulation): about twice as
-    fast again on CPUs with AVX512-BF16/AMX, but the logits move by ~1e-2, which flips voxels whose
-    foreground/background margin is that small. A trained network has few such voxels; a network
-    with random weights has many (Dice against float32 ~0.993 on the paper's input).
+    ``"fused"`` with bfloat16 weights and activations (float32 accumulation inside oneDNN), or
+    ``"compile"`` under bfloat16 autocast: faster again on CPUs with AVX512-BF16/AMX, but the
+    logits move by ~1e-2, which flips voxels whose foreground/background margin is that small.
+    A trained network has few such voxels; a network with random weights has many (Dice
+    against float32 ~0.993 on the paper's input), so these modes are opt-in only.
 ``"onnx"``
     ONNX Runtime (CPU execution provider, all graph optimisations), via
     :func:`femurseg.export.export_onnx` and :class:`femurseg.export.OnnxModel`.
@@ -60,22 +67,27 @@ from typing import Any
 import torch
 from torch import nn
 
-MODES = ("auto", "none", "channels-last", "compile", "bf16", "compile-bf16", "onnx")
+MODES = ("auto", "none", "channels-last", "fused", "compile", "bf16", "compile-bf16", "onnx")
 """Accepted ``mode`` values of :func:`optimise_for_inference`."""
 
-AUTO_CPU = "compile"
+AUTO_CPU = "fused"
 """What ``mode="auto"`` means on the CPU: the fastest float32-exact mode measured on the reference
 machine (2-core AMD EPYC, AVX512-BF16; ``benchmarks/results/SUMMARY.md``). bfloat16 modes are
 never chosen automatically: they move masks (Dice < 0.999 against float32 for untrained nets)."""
 
 FALLBACK = {
     "compile-bf16": "bf16",
-    "compile": "channels-last",
-    "onnx": "channels-last",
-    "bf16": "channels-last",
+    "compile": "fused",
+    "onnx": "fused",
+    "bf16": "fused",
+    "fused": "channels-last",
     "channels-last": "none",
 }
 """Where a mode falls back to when it cannot run here."""
+
+MAX_CACHED_SHAPES = 2
+"""Prepared callables kept per model (least recently used shapes are dropped; each holds a packed
+or compiled copy of the weights)."""
 
 ENV_MODE = "FEMURSEG_ACCEL"
 """Environment variable that overrides the default mode of :func:`default_mode` (e.g. ``none``)."""
@@ -125,7 +137,14 @@ def resolve_mode(mode: str, device: torch.device | str) -> str:
 
 def _weights_version(model: nn.Module) -> tuple:
     """Changes whenever a parameter/buffer is modified in place (optimiser steps, load_state_dict)."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+    def version(t: torch.Tensor) -> int:
+        try:
+            return int(t._version)
+        except RuntimeError:  # inference tensors have no version counter (and cannot be modified)
+            return -1
+
+    return tuple((t.data_ptr(), version(t)) for t in (*model.parameters(), *model.buffers()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +158,13 @@ class Accelerated:
         mode: the mode actually used (after "auto" and any fallback).
         requested: the mode asked for.
         reason: why ``mode`` differs from the requested one ("" if it does not).
-        setup_s: seconds spent preparing (copy, export, compile + first call).
+        setup_s: seconds spent preparing (copy, export; with ``warmup`` also the compilation and
+            the first pass).
         model: the original network (unchanged).
+
+    A mode that fails on its first real call (e.g. a compiler error inside ``torch.compile``)
+    is replaced, for that call and all later ones, by its :data:`FALLBACK`; later failures
+    propagate (they are not a missing lever but a real error).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], mode: str, requested: str, model: nn.Module,
@@ -154,75 +178,116 @@ class Accelerated:
         self.model = model
         self._memory_format = memory_format
         self._bf16 = bf16
+        self._checked = mode == "none"
+        self._device: torch.device | None = None
+        self._warn = False
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            if self._memory_format is not None and x.dim() == 5:
-                x = x.contiguous(memory_format=self._memory_format)
+            mf = self._memory_format
+            if mf is not None and x.dim() == (5 if mf == torch.channels_last_3d else 4):
+                x = x.contiguous(memory_format=mf)
             with autocast_context(x.device, self._bf16):
                 y = self._fn(x)
             return y.float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._checked:
+            return self._run(x)
+        try:
+            y = self._run(x)
+        except Exception as exc:  # noqa: BLE001 - an optional lever failed: fall back
+            if self.mode not in FALLBACK:
+                raise
+            nxt = _prepare(self.model, FALLBACK[self.mode], self._device or x.device,
+                           [*([self.reason] if self.reason else []), f"{self.mode} failed ({_first_line(exc)})"])
+            nxt.requested = self.requested
+            if self._warn:
+                warnings.warn(f"accel: using mode {nxt.mode!r}: {nxt.reason}", RuntimeWarning, stacklevel=2)
+            self.__dict__.update({k: v for k, v in nxt.__dict__.items() if k != "_warn"})
+            return self(x)
+        self._checked = True
+        return y
 
     def __repr__(self) -> str:
         extra = f", reason={self.reason!r}" if self.reason else ""
         return f"Accelerated(mode={self.mode!r}, requested={self.requested!r}, setup_s={self.setup_s:.1f}{extra})"
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _prepare(model: nn.Module, mode: str, dev: torch.device, reasons: list[str],
+             shape: tuple[int, ...] | None = None) -> Accelerated:
+    """Build ``mode`` (or, when it is unavailable here, the first available one of its fallbacks)."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            why = _unavailable(mode, model, dev)
+            if why:
+                raise _Unavailable(why)
+            acc = _build(mode, model, dev, shape)
+            acc.setup_s = time.perf_counter() - t0
+            acc.reason = "; ".join(reasons)
+            acc._device = dev
+            return acc
+        except Exception as exc:  # noqa: BLE001 - any failure of an optional lever falls back
+            if mode not in FALLBACK:
+                raise
+            reasons = [*reasons, f"{mode} unavailable ({_first_line(exc)})"]
+            mode = FALLBACK[mode]
+
+
 def optimise_for_inference(model: nn.Module, example_shape: Sequence[int], device: torch.device | str = "cpu",
-                           mode: str = "auto", *, warn: bool = False) -> Accelerated:
+                           mode: str = "auto", *, warmup: bool = True, warn: bool = False) -> Accelerated:
     """Prepare ``model`` for fast inference on inputs of ``example_shape`` ``(B, C, *S)``.
 
     Args:
         model: a femurseg network (moved to ``device`` and put in eval mode; otherwise unchanged).
         example_shape: the input shape the callable will mostly see; compiled modes specialise
-            to it (another shape still works: it triggers one more compilation).
+            to it (another shape still works: it triggers one more compilation), fused modes
+            pack their weights for it (another shape repacks, in milliseconds).
         device: where to run.
         mode: one of :data:`MODES` (see the module docstring).
+        warmup: run one pass on zeros of ``example_shape`` now, so the compilation and any
+            fallback happen here and ``setup_s`` is the whole one-off cost. Without it they
+            happen on the first call.
         warn: issue a RuntimeWarning when falling back to another mode.
 
     Returns:
         :class:`Accelerated`; ``fwd(x)`` returns float32 logits like ``model(x)``.
-        The preparation (export/compile) and one warm-up call on zeros of ``example_shape``
-        happen here, so failures fall back here and ``setup_s`` is the one-off cost.
     """
     dev = torch.device(device)
     model = model.to(dev).eval()
-    requested = mode
-    mode = resolve_mode(mode, dev)
-    reasons: list[str] = []
     shape = tuple(int(s) for s in example_shape)
-    while True:
+    acc = _prepare(model, resolve_mode(mode, dev), dev, [], shape)
+    acc.requested = mode
+    acc._warn = warn
+    if acc.reason and warn:
+        warnings.warn(f"accel: using mode {acc.mode!r}: {acc.reason}", RuntimeWarning, stacklevel=2)
+    if warmup:
         t0 = time.perf_counter()
-        try:
-            why = _unavailable(mode, model, dev, shape)
-            if why:
-                raise _Unavailable(why)
-            acc = _build(mode, model, dev, shape)
-            acc(torch.zeros(shape, device=dev))  # compile / warm-up; failures fall back
-            acc.setup_s = time.perf_counter() - t0
-            acc.requested = requested
-            acc.reason = "; ".join(reasons)
-            if reasons and warn:
-                warnings.warn(f"accel: using mode {mode!r}: {acc.reason}", RuntimeWarning, stacklevel=2)
-            return acc
-        except Exception as exc:  # noqa: BLE001 - any failure of an optional lever falls back
-            if mode not in FALLBACK:
-                raise
-            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            reasons.append(f"{mode} unavailable ({msg})")
-            mode = FALLBACK[mode]
+        acc(torch.zeros(shape, device=dev))
+        acc.setup_s += time.perf_counter() - t0
+    return acc
 
 
 class _Unavailable(RuntimeError):
     pass
 
 
-def _unavailable(mode: str, model: nn.Module, dev: torch.device, shape: tuple[int, ...]) -> str:
+def _unavailable(mode: str, model: nn.Module, dev: torch.device) -> str:
     """Why ``mode`` cannot run here ("" if it can)."""
     if mode in ("compile", "compile-bf16") and dev.type == "cpu" and not compiler_available():
         return "no C++ compiler for torch.compile's inductor back-end"
+    if mode in ("fused", "bf16") and (dev.type != "cpu" or not torch.backends.mkldnn.is_available()):
+        return "oneDNN fused convolutions need the CPU with oneDNN (mkldnn)"
     if mode in ("bf16", "compile-bf16") and dev.type == "cpu" and not bf16_supported():
         return "this CPU has no native bfloat16 support"
+    if mode != "none" and not any(True for _ in model.parameters()):
+        return "the model has no PyTorch parameters (e.g. an ONNX Runtime engine already)"
     if mode == "onnx":
         try:
             import onnxruntime  # noqa: F401
@@ -237,14 +302,23 @@ def _channels_last_copy(model: nn.Module, dev: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(dev).eval().to(memory_format=torch.channels_last_3d)
 
 
-def _build(mode: str, model: nn.Module, dev: torch.device, shape: tuple[int, ...]) -> Accelerated:
-    three_d = len(shape) == 5
+def _build(mode: str, model: nn.Module, dev: torch.device, shape: tuple[int, ...] | None) -> Accelerated:
+    three_d = int(getattr(model, "spatial_dims", 3 if shape is None else len(shape) - 2)) == 3
     cl = torch.channels_last_3d if three_d else None
     if mode == "none":
         return Accelerated(model, mode, mode, model)
-    if mode in ("channels-last", "bf16"):
+    if mode == "channels-last":
         net = _channels_last_copy(model, dev) if three_d else model
-        return Accelerated(net, mode, mode, model, memory_format=cl, bf16=mode == "bf16")
+        return Accelerated(net, mode, mode, model, memory_format=cl)
+    if mode in ("fused", "bf16"):
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        net = fuse_conv_relu(model, dtype)
+        mf = cl if three_d else torch.channels_last
+
+        def run_fused(x: torch.Tensor, _net=net, _dtype=dtype) -> torch.Tensor:
+            return _net(x.to(_dtype))
+
+        return Accelerated(run_fused, mode, mode, model, memory_format=mf)
     if mode in ("compile", "compile-bf16"):
         net = _channels_last_copy(model, dev) if three_d else copy.deepcopy(model).eval()
         compiled = torch.compile(net, dynamic=False)
@@ -270,6 +344,103 @@ def _build(mode: str, model: nn.Module, dev: torch.device, shape: tuple[int, ...
 
 
 # ---------------------------------------------------------------------------------------------
+# "fused": oneDNN convolution + ReLU with pre-packed weights, no compiler
+
+
+class FusedConv(nn.Module):
+    """A ``Conv{2,3}d`` / ``ConvTranspose{2,3}d`` (optionally followed by ReLU) as one oneDNN call.
+
+    The weight is reordered once per input shape into oneDNN's blocked layout
+    (``torch.ops.mkldnn._reorder_convolution_weight``), in ``dtype``; the bias stays as is (float32
+    bias with bfloat16 weights is what oneDNN expects). Inference only (no autograd).
+    """
+
+    def __init__(self, conv: nn.Module, relu: bool, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.transposed = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+        self.weight = conv.weight  # shared with the original model, never modified
+        self.bias = conv.bias
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = int(conv.groups)
+        self.output_padding = list(getattr(conv, "output_padding", [0] * len(self.padding)))
+        self.attr = "relu" if relu else "none"
+        self.dtype = dtype
+        self._packed: torch.Tensor | None = None
+        self._packed_for: tuple[int, ...] | None = None
+        self._bias: torch.Tensor | None = None
+
+    def _pack(self, shape: tuple[int, ...]) -> None:
+        mk = torch.ops.mkldnn
+        w = self.weight.detach().to(self.dtype)
+        if self.transposed:
+            self._packed = mk._reorder_convolution_transpose_weight(
+                w, self.padding, self.output_padding, self.stride, self.dilation, self.groups, list(shape))
+        else:
+            self._packed = mk._reorder_convolution_weight(w, self.padding, self.stride, self.dilation, self.groups,
+                                                          list(shape))
+        self._bias = None if self.bias is None else self.bias.detach().to(self.dtype)
+        self._packed_for = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        if self._packed_for != shape:
+            self._pack(shape)
+        mk = torch.ops.mkldnn
+        if self.transposed:
+            return mk._convolution_transpose_pointwise(x, self._packed, self._bias, self.padding, self.output_padding,
+                                                       self.stride, self.dilation, self.groups, self.attr, [], "")
+        return mk._convolution_pointwise(x, self._packed, self._bias, self.padding, self.stride, self.dilation,
+                                         self.groups, self.attr, [], "")
+
+
+_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def fuse_conv_relu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of ``model`` (sharing its parameters) whose convolutions run as :class:`FusedConv`.
+
+    In every ``nn.Sequential`` a convolution followed by ``nn.Identity`` layers (femurseg's
+    ``norm="none"``) and an ``nn.ReLU`` becomes one fused call; other convolutions become fused
+    calls without a post-op. Convolutions followed by a real normalisation layer keep the
+    normalisation after them (no folding). The caller's model is not modified.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    net = copy.deepcopy(model, memo).eval()
+
+    def convert(mod: nn.Module) -> None:
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.Sequential):
+                layers = list(child)
+                out: list[nn.Module] = []
+                i = 0
+                while i < len(layers):
+                    layer = layers[i]
+                    if isinstance(layer, _CONVS):
+                        j = i + 1
+                        while j < len(layers) and isinstance(layers[j], nn.Identity):
+                            j += 1
+                        relu = j < len(layers) and isinstance(layers[j], nn.ReLU)
+                        out.append(FusedConv(layer, relu, dtype))
+                        i = j + 1 if relu else i + 1
+                        continue
+                    convert(layer)
+                    out.append(layer)
+                    i += 1
+                child._modules.clear()  # keep the Sequential subclass (e.g. ConvBlock) and its attributes
+                for k, layer in enumerate(out):
+                    child.add_module(str(k), layer)
+            elif isinstance(child, _CONVS):
+                setattr(mod, name, FusedConv(child, False, dtype))
+            else:
+                convert(child)
+
+    convert(net)
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
 # Memoised access for the inference loop
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Accelerated]] = weakref.WeakKeyDictionary()
@@ -285,17 +456,19 @@ def accelerated(model: nn.Module, example_shape: Sequence[int], device: torch.de
     mode = default_mode() if mode is None else mode
     dev = torch.device(device)
     shape = tuple(int(s) for s in example_shape)
-    if resolve_mode(mode, dev) == "none":  # nothing to prepare or cache
-        return Accelerated(model.to(dev).eval(), "none", mode, model)
+    if resolve_mode(mode, dev) == "none" or not any(True for _ in model.parameters()):
+        return Accelerated(model, "none", mode, model)  # nothing to prepare or cache (e.g. an ONNX engine)
     version = _weights_version(model)
     key = (version, shape, str(dev), mode)
     per_model = _CACHE.setdefault(model, {})
-    hit = per_model.get(key)
+    hit = per_model.pop(key, None)
     if hit is None:
         for k in [k for k in per_model if k[0] != version]:
             del per_model[k]
-        hit = optimise_for_inference(model, shape, dev, mode, warn=True)
-        per_model[key] = hit
+        while len(per_model) >= MAX_CACHED_SHAPES:  # least recently used first
+            del per_model[next(iter(per_model))]
+        hit = optimise_for_inference(model, shape, dev, mode, warmup=False, warn=True)
+    per_model[key] = hit  # (re)insert as the most recently used
     return hit
 
 

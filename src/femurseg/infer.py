@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from femurseg.accel import accelerated
 from femurseg.errors import FemursegError
 
 CPU_AMP_DEFAULT = False
@@ -250,8 +251,11 @@ def _predict_one(model: nn.Module, image: np.ndarray, patch, overlap: float, bat
             region = tuple(slice(s, s + n) for s, (n, _) in zip(t, sizes))
             batch.append(src[(slice(k, k + c_in), *region)] if sd == 2 else src[(0, slice(None), *region)])
         x = torch.stack(batch)
-        with autocast(dev, use_amp):
-            logits = model(x)
+        if use_amp:
+            with autocast(dev, use_amp):
+                logits = model(x)
+        else:  # float32: femurseg.accel's fastest float32-exact path ($FEMURSEG_ACCEL, default "auto")
+            logits = accelerated(model, tuple(x.shape), dev)(x)
         prob = torch.softmax(logits.float(), dim=1)[(slice(None), slice(None), *[slice(0, t) for t in tile])]
         for (k, t), p in zip(chunk, prob):
             region = tuple(slice(s, s + n) for s, n in zip(t, tile))
