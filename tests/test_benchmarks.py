@@ -1,0 +1,102 @@
+"""The benchmark suite runs end to end on tiny inputs (so it cannot rot); nothing is timed here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_ceiling  # noqa: E402
+import bench_inference  # noqa: E402
+import bench_training  # noqa: E402
+import common  # noqa: E402
+import run_all  # noqa: E402
+
+pytest.importorskip("monai")
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    inf = bench_inference.run("tiny", repeats=1, levers=("fused",), log=quiet)
+    common.write_csv(inf["rows"], out / "inference_paper.csv")
+    common.write_csv(inf["rows"], out / "levers_demo.csv")
+    tr = bench_training.run("tiny", repeats=1, log=quiet)
+    common.write_csv(tr["rows"], out / "training_demo.csv")
+    ce = bench_ceiling.run("tiny", repeats=1, network_times={"plain": [0.5], "femurseg-network": [0.25]}, log=quiet)
+    common.write_csv(ce["rows"], out / "ceiling_paper.csv")
+    import bench_metrics
+
+    met = bench_metrics.run(shape=(8, 48, 48), spacing=(1.5, 0.9, 0.9), repeats=1)
+    bench_metrics.write_csv(met, out / "metrics.csv")
+    return out
+
+
+def test_inference_rows(results):
+    rows = common.read_csv(results / "inference_paper.csv")
+    engines = [r["engine"] for r in rows]
+    assert engines == ["femurseg", "femurseg-network", "monai", "plain", "accel[fused]"]
+    for r in rows:
+        assert float(r["seconds_median"]) > 0
+        assert float(r["dice_vs_plain_fp32"]) >= 0.999  # float32 engines agree
+        assert r["cpu"] and r["cores"] and r["date"]
+
+
+def test_training_rows(results):
+    rows = common.read_csv(results / "training_demo.csv")
+    assert [r["engine"] for r in rows] == ["femurseg", "femurseg-nofill", "plain"]
+    assert all(float(r["seconds_per_step_median"]) > 0 for r in rows)
+
+
+def test_ceiling_rows(results):
+    rows = common.read_csv(results / "ceiling_paper.csv")
+    kernels = {r["kernel"] for r in rows}
+    assert {"matmul_fp32", "matmul_bf16", "conv3x3x3_fp32_ncdhw"} <= kernels
+    assert "network_forward[plain]" in kernels
+    assert all(float(r["gflops"]) > 0 for r in rows)
+
+
+def test_ceiling_times_the_network_itself():
+    res = bench_ceiling.run("tiny", repeats=1, log=quiet)
+    names = [r["kernel"] for r in res["rows"] if r["kernel"].startswith("network_forward")]
+    assert len(names) == 3 and res["network_flop"] > 0
+
+
+def test_summary(results):
+    path = run_all.write_summary(results)
+    text = path.read_text()
+    for heading in ("## Targets", "## 1. Inference", "## 3. Training", "## 4. Machine ceiling",
+                    "## 5. Surface distances", "## Levers, demo size"):
+        assert heading in text
+    assert "AMD" in text or "Intel" in text or "cores" in text
+
+
+def test_peak_rss_sees_an_allocation():
+    import numpy as np
+
+    def alloc():
+        a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        return float(a.sum())
+
+    peak, base = common.peak_memory_mb(alloc)
+    assert 48 < peak < 200 and base > 0
+
+
+def test_interleaved_and_ratios():
+    calls = []
+    times = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
+                               warmup=1)
+    assert len(times["a"]) == len(times["b"]) == 3 and len(calls) == 8
+    assert calls[2:4] == ["a", "b"] and calls[4:6] == ["b", "a"]  # order rotates
+    r, per_round = common.ratio_stats({"x": [2.0, 2.0, 2.0], "y": [1.0, 1.0, 1.0]}, "x", "y")
+    assert r == per_round == 2.0
+    assert common.dice([1, 1, 0], [1, 0, 0]) == pytest.approx(2 / 3)
+    assert common.dice([0], [0]) == 1.0
