@@ -101,7 +101,7 @@ def test_run_experiment_with_fake_training(tmp_path, monkeypatch):
     assert [c["out"] for c in calls] == ["2d-f64-l3", "2d-f64-l4", "3d-f16-l3", "3d-f16-l4",
                                          "3d-best-r1-2", "3d-best-r1-2-4-8"]
     assert {c["split"] for c in calls} == {tmp_path / "exp" / "split.json"}  # one split for every model
-    assert all(c["folds"] == 4 and c["preset"] == "default" for c in calls)
+    assert all(c["folds"] == experiment.SCALES["demo"]["folds"] and c["preset"] == "default" for c in calls)
     assert res["best"] == {"2d": "2d-f64-l4", "3d": "3d-f16-l4"}
     assert calls[-1]["model"] == {"name": "unet3d", "features": 4, "levels": 4, "dilations": [1, 2, 4, 8]}
     assert set(res["reports"]) == {"table1", "table2", "table3"}

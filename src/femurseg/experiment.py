@@ -27,10 +27,11 @@ of stage 2 from the stage-1 results, evaluates every run once (the run's PR thre
 
 Scales (:data:`SCALES`): ``full`` is the paper (its feature counts, 256 x 256 in-plane, 48
 slices, Adam 5e-5, early stopping after >= 30 epochs with patience 10; meant for a GPU);
-``demo`` shrinks the networks (F 64 -> 8, 32 -> 8, 16 -> 4), the images (in-plane x0.25) and the
-schedule (a few epochs) so the whole grid finishes on 2 CPU cores in under 30 minutes on the
-default phantom cohort (16 cases). Demo numbers are a smoke test of the pipeline, not a
-replication: at that size every network is far from converged.
+``demo`` shrinks the networks (F 64 -> 8, 32 -> 8, 16 -> 4), the images (in-plane x0.25), the
+cross-validation (2 folds instead of 4, still one split shared by every model) and the schedule
+(3 epochs) so that the whole grid fits in about 30 minutes on 2 CPU cores on the default phantom
+cohort (16 cases; see the README for measured times). Demo numbers are a smoke test of the
+pipeline, not a replication: at that size every network is far from converged.
 """
 
 from __future__ import annotations
@@ -70,13 +71,13 @@ SCALES: dict[str, dict[str, Any]] = {
     },
     "demo": {
         "description": "smoke-test sizes for 2 CPU cores: F 64->8, 32->8, 16->4, in-plane x0.25, "
-                       "at most 4 epochs (2D: 12 slices per volume per epoch)",
+                       "2 folds, at most 3 epochs (2D: 8 slices per volume per epoch)",
         "preset": "default",
-        "folds": 4,
+        "folds": 2,
         "features": {16: 4, 32: 8, 64: 8},
         "prep": {"scale": 0.25, "crop_slices": 48},
-        "train": {"max_epochs": 4, "min_epochs": 2, "patience": 2, "lr": 3e-3},
-        "train_2d": {"slices_per_volume": 12, "batch_size": 4},
+        "train": {"max_epochs": 3, "min_epochs": 2, "patience": 1, "lr": 3e-3},
+        "train_2d": {"slices_per_volume": 8, "batch_size": 4},
     },
 }
 
