@@ -134,35 +134,39 @@ def box_figure(
 ) -> Path:
     """Box plots of per-case metrics, one panel per metric, one box per model (001 Fig. 3).
 
+    Boxes are horizontal (models on the shared vertical axis, the first model on top) so
+    that long model names stay readable; every case is drawn as a dot over its box.
+
     Args:
         values: model name -> metric -> per-case values (non-finite values are left out).
         path: output PNG.
         metrics: the metric keys to plot (labels from :data:`METRIC_LABELS`).
     """
     names = list(values)
-    colours = model_colours(len(names))
-    width = max(3.0, 0.5 * len(names) + 1.6)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.0), squeeze=False)
+    n = len(names)
+    colours = model_colours(n)
+    label_w = min(3.2, 0.3 + 0.065 * max(len(x) for x in names))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(label_w + 3.0 * len(metrics), 0.8 + 0.42 * max(n, 2.5)),
+                             squeeze=False, sharey=True)
     rng = np.random.default_rng(0)
+    pos = np.arange(n, 0, -1)  # first model on top
     for ax, metric in zip(axes[0], metrics):
         data = []
         for name in names:
             v = np.asarray(values[name].get(metric, []), dtype=float)
             data.append(v[np.isfinite(v)])
-        bp = ax.boxplot(data, patch_artist=True, widths=0.55, showfliers=False,
+        bp = ax.boxplot(data, positions=pos, vert=False, patch_artist=True, widths=0.6, showfliers=False,
                         medianprops={"color": "k", "lw": 1.2})
         for patch, col in zip(bp["boxes"], colours):
             patch.set_facecolor((*col[:3], 0.35))
             patch.set_edgecolor(col)
-        for i, (v, col) in enumerate(zip(data, colours)):
-            ax.scatter(i + 1 + rng.uniform(-0.12, 0.12, v.size), v, s=9, color=col, alpha=0.85, lw=0, zorder=3)
-        ax.set_xticks(range(1, len(names) + 1))
-        tilt = len(names) > 2 or max(len(n) for n in names) > 12
-        ax.set_xticklabels([textwrap.fill(n, 22) for n in names], rotation=30 if tilt else 0,
-                           ha="right" if tilt else "center", rotation_mode="anchor")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.set_title(METRIC_LABELS.get(metric, metric))
-        ax.grid(axis="y", alpha=0.3)
+        for p, v, col in zip(pos, data, colours):
+            ax.scatter(v, p + rng.uniform(-0.15, 0.15, v.size), s=10, color=col, alpha=0.85, lw=0, zorder=3)
+        ax.set_xlabel(METRIC_LABELS.get(metric, metric) + " per case")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(pos)
+    axes[0][0].set_yticklabels(names)
+    axes[0][0].set_ylim(0.4, n + 0.6)
     fig.tight_layout()
     return _save(fig, path)
 
