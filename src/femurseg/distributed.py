@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import copy
 import dataclasses
 import math
 import os
@@ -103,14 +104,15 @@ def _import_ray() -> Any:
 
 def resolve_backend(backend: Any) -> RayBackend | None:
     """``"local"``/None -> None (run here); ``"ray"`` -> a default :class:`RayBackend`; a RayBackend
-    as is. Raises FemursegError for another value or when Ray is asked for but not installed."""
+    as is, connected (:meth:`RayBackend.connect`), so that a missing Ray or an unreachable cluster
+    fails before anything is written. Raises FemursegError for another value."""
     if backend is None or (isinstance(backend, str) and backend.strip().lower() == "local"):
         return None
     if isinstance(backend, str) and backend.strip().lower() == "ray":
         backend = RayBackend()
     if not isinstance(backend, RayBackend):
         raise FemursegError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    _import_ray()
+    backend.connect()
     return backend
 
 
@@ -175,6 +177,8 @@ class RayBackend:
             if ray.is_initialized():
                 return ray
             addr = self.address or os.environ.get("RAY_ADDRESS") or None
+            if addr:
+                _check_reachable(addr)
             try:
                 if addr:
                     ray.init(address=addr, log_to_driver=True)
@@ -183,7 +187,11 @@ class RayBackend:
             except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
                 where = f"the Ray cluster at {addr}" if addr else "a local Ray instance"
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise FemursegError(f"--address {addr or '(none)'}: cannot connect to {where}: {first}") from None
+                hint = ("; if the cluster uses token authentication (the default of `ray start` since Ray 2.59), "
+                        "set RAY_AUTH_MODE=token here and give this machine the cluster's token "
+                        "(~/.ray/auth_token or RAY_AUTH_TOKEN; `ray get-auth-token` on the head prints it)"
+                        if addr and os.environ.get("RAY_AUTH_MODE", "").lower() != "token" else "")
+                raise FemursegError(f"--address {addr or '(none)'}: cannot connect to {where}: {first}{hint}") from None
         return ray
 
     def _check_resources(self, ray: Any, what: str) -> None:
@@ -324,6 +332,23 @@ class RayBackend:
         return max(1, by_cpu)
 
 
+def _check_reachable(addr: str, timeout: float = 5.0) -> None:
+    """Fail fast (one line) when ``host:port`` / ``ray://host:port`` does not accept connections: ray.init
+    would otherwise retry for minutes. "auto" and addresses without a port are left to Ray."""
+    import socket
+
+    hostport = addr.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if addr.strip().lower() in ("auto", "local") or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise FemursegError(f"--address {addr}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+                            f"`ray start --head` or check the address") from None
+
+
 def _task_failure(ray: Any, exc: BaseException, what: str, retries: int, hint: str) -> Exception:
     """A one-line FemursegError for a failed Ray task (the cause's own FemursegError when it is one);
     programming errors in a task come back as the original RayTaskError (with the remote traceback)."""
@@ -356,6 +381,7 @@ def _fold_task(run_dir: str, ds: Any, prepared: dict[str, Any], k: int, device: 
     _set_threads(threads)
     if hook is not None:
         hook("fold", str(k), Path(run_dir) / f"fold_{k}")
+    prepared = copy.deepcopy(prepared)  # arrays from the object store are read-only; the local path's are not
     return train_fold(load_run(run_dir), ds, prepared, k, device=device, progress=False)
 
 
