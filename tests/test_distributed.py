@@ -1,7 +1,8 @@
 """Distributed back-ends (femurseg.distributed): Ray folds and cohorts, faults, resume, DDP under torchrun.
 
-Ray tests share one local Ray instance (``ray.init(num_cpus=2)``, about 10-15 s to start on 2 cores)
-and skip cleanly when Ray (the ``distributed`` extra) is not installed. Training uses one torch
+The DDP test (torchrun, 2 gloo processes) needs no Ray and always runs. Ray tests share one local
+Ray instance (``ray.init(num_cpus=2)``, about 10-15 s to start on 2 cores) and skip cleanly when
+Ray (the ``distributed`` extra) is not installed. Training uses one torch
 thread everywhere (``threads: 1`` in the run; Ray tasks with ``num_cpus=1``), so the local and the
 Ray back-ends must give bit-identical weights and out-of-fold probabilities.
 """
@@ -269,6 +270,7 @@ def test_ray_cohort_resume_after_interruption(ray_local, local_run, cohort, tmp_
         io.read_image(out / name)
 
 
+@pytest.mark.slow
 def test_grid_jobs_on_ray(ray_local, dataset, local_run):
     """run_jobs: two run_cv jobs at once on Ray (4 fold tasks queued together), same results as local."""
     from femurseg.cv import run_cv
@@ -291,7 +293,6 @@ run_train(a["dataset"], a["out"], ddp=True, progress=False, **a["kw"])
 """
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_ranks_equal_one_process_with_the_effective_batch(tmp_path):
     """torchrun, 2 gloo ranks x batch 1 == 1 process x batch 2 (same samples per step; loss 'ce', no
     augmentation, whole volumes): same weights within float tolerance; only rank 0 wrote the run."""
