@@ -157,7 +157,8 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
         first[name] = t[0]
         log(f"  warm-up {name}: {t[0]:.2f} s")
     mem: dict[str, tuple[float, float]] = {}
-    times = common.interleaved(engines, repeats, warmup=0, log=log, peak_mb=mem)
+    cpu: dict[str, list[float]] = {}
+    times = common.interleaved(engines, repeats, warmup=0, log=log, peak_mb=mem, cpu=cpu)
 
     # masks and agreement
     def to_mask(name: str, out: Any) -> np.ndarray:
@@ -195,6 +196,9 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
             "mask_voxels": int(masks[name].sum()),
             "speedup_vs_plain": t_plain / t,
             "speedup_vs_plain_per_round": common.ratio_stats(times, "plain", name)[1],
+            "cpu_seconds_median": common.median(cpu[name]),
+            "cpu_speedup_vs_plain": common.median(cpu["plain"]) / common.median(cpu[name]),
+            "cpu_speedup_vs_monai": common.median(cpu["monai"]) / common.median(cpu[name]),
             "speedup_vs_monai": t_monai / t,
             "speedup_vs_monai_per_round": common.ratio_stats(times, "monai", name)[1],
             "accel_mode": _infer_mode(model) if name.startswith("femurseg") else "",
@@ -203,7 +207,7 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
     for r in rows:
         log(f"  {r['engine']:<22} {r['seconds_median']:8.3f} s  x{r['speedup_vs_plain']:.2f} vs plain  "
             f"x{r['speedup_vs_monai']:.2f} vs monai  peak +{r['peak_mem_mb']:.0f} MiB  Dice {r['dice_vs_plain_fp32']:.5f}")
-    return {"rows": rows, "times": times}
+    return {"rows": rows, "times": times, "cpu": cpu}
 
 
 def _infer_mode(model: Any) -> str:

@@ -27,8 +27,9 @@ initial weights:
 * ``plain``: the textbook loop on the same model and loss, tensors prepared beforehand:
   ``zero_grad; loss_fn(model(x), y).backward(); opt.step()`` with the same Adam settings.
 
-Peak memory: RSS above the level before the step (sampled, see ``common.PeakRSS``), one extra step
-per engine. Writes ``training_<size>.csv``.
+Peak memory: RSS above the level before the step, sampled during the first timed round (see
+``common.PeakRSS``). Wall and CPU seconds are both reported (the machine is shared).
+Writes ``training_<size>.csv``.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
 
     model_n = copy.deepcopy(model_f)
     engines = {"femurseg": femurseg_step, "femurseg-nofill": femurseg_nofill_step, "plain": plain_step}
-    times = common.interleaved(engines, repeats, warmup=1, log=log)
-    mem = {n: common.peak_memory_mb(fn) for n, fn in engines.items()}
+    mem: dict[str, tuple[float, float]] = {}
+    cpu: dict[str, list[float]] = {}
+    times = common.interleaved(engines, repeats, warmup=1, log=log, peak_mb=mem, cpu=cpu)
     machine = common.machine_info()
     t_plain = common.median(times["plain"])
     rows = []
@@ -146,6 +148,8 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
             "baseline_rss_mb": round(mem[name][1], 1),
             "plain_over_engine": t_plain / t,
             "plain_over_engine_per_round": common.ratio_stats(times, "plain", name)[1],
+            "cpu_seconds_median": common.median(cpu[name]),
+            "cpu_plain_over_engine": common.median(cpu["plain"]) / common.median(cpu[name]),
             **machine,
         })
         log(f"  {name:<9} {t:8.3f} s/step  (plain/this x{t_plain / t:.2f})  peak +{mem[name][0]:.0f} MiB")

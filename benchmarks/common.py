@@ -164,35 +164,41 @@ def peak_memory_mb(fn: Callable[[], Any]) -> tuple[float, float]:
 
 def interleaved(engines: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
                 log: Callable[[str], None] | None = None,
-                peak_mb: dict[str, tuple[float, float]] | None = None) -> dict[str, list[float]]:
+                peak_mb: dict[str, tuple[float, float]] | None = None,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Time every engine ``repeats`` times, interleaved (rotating order), after ``warmup`` calls each.
 
     Returns ``{name: [seconds, ...]}`` in round order (round r of every engine ran close in time).
     With ``peak_mb`` (a dict to fill), the first timed round also samples each engine's peak
     memory (:class:`PeakRSS`: ``(peak above the RSS before the call, that RSS)`` in MiB); the
     2 ms sampling thread costs nothing measurable next to calls of a second or more.
+    With ``cpu`` (a dict to fill), also the process CPU seconds of every call (all threads):
+    on an oversubscribed machine the wall time of a call depends on what else runs, its CPU
+    time much less (compute-bound work; OpenMP barrier spinning adds a little).
     """
     names = list(engines)
     for _ in range(warmup):
         for n in names:
             engines[n]()
     times: dict[str, list[float]] = {n: [0.0] * repeats for n in names}
+    cpu_times: dict[str, list[float]] = {n: [0.0] * repeats for n in names}
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            if peak_mb is not None and r == 0:
-                with PeakRSS() as p:
-                    t0 = time.perf_counter()
-                    out = engines[n]()
-                    times[n][r] = time.perf_counter() - t0
-                    del out
-                peak_mb[n] = (p.peak_mb, p.base_mb)
-            else:
-                t0 = time.perf_counter()
-                engines[n]()
+            sampler = PeakRSS() if (peak_mb is not None and r == 0) else contextlib.nullcontext()
+            with sampler:
+                c0, t0 = time.process_time(), time.perf_counter()
+                out = engines[n]()
                 times[n][r] = time.perf_counter() - t0
+                cpu_times[n][r] = time.process_time() - c0
+                del out
+            if isinstance(sampler, PeakRSS) and peak_mb is not None:
+                peak_mb[n] = (sampler.peak_mb, sampler.base_mb)
         if log:
-            log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][r]:.3f}s" for n in names))
+            log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][r]:.3f}s ({cpu_times[n][r]:.1f} cpu-s)"
+                                                           for n in names))
+    if cpu is not None:
+        cpu.update(cpu_times)
     return times
 
 
