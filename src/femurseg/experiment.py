@@ -76,8 +76,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "folds": 2,
         "features": {16: 4, 32: 8, 64: 8},
         "prep": {"scale": 0.25, "crop_slices": 48},
-        "train": {"max_epochs": 3, "min_epochs": 2, "patience": 1, "lr": 3e-3},
-        "train_2d": {"slices_per_volume": 8, "batch_size": 4},
+        "train": {"max_epochs": 3, "min_epochs": 2, "patience": 1, "lr": 3e-3, "deterministic": False},
+        "train_2d": {"slices_per_volume": 8, "batch_size": 4, "val_batch_size": 48},
     },
 }
 
