@@ -155,7 +155,7 @@ def box_figure(
         for name in names:
             v = np.asarray(values[name].get(metric, []), dtype=float)
             data.append(v[np.isfinite(v)])
-        bp = ax.boxplot(data, positions=pos, vert=False, patch_artist=True, widths=0.6, showfliers=False,
+        bp = ax.boxplot(data, positions=pos, orientation="horizontal", patch_artist=True, widths=0.6, showfliers=False,
                         medianprops={"color": "k", "lw": 1.2})
         for patch, col in zip(bp["boxes"], colours):
             patch.set_facecolor((*col[:3], 0.35))
