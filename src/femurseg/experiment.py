@@ -71,12 +71,12 @@ SCALES: dict[str, dict[str, Any]] = {
     },
     "demo": {
         "description": "smoke-test sizes for 2 CPU cores: F 64->8, 32->8, 16->4, in-plane x0.25, "
-                       "2 folds, at most 3 epochs (2D: 8 slices per volume per epoch)",
+                       "2 folds, at most 3 epochs (2D: 8 slices per volume per epoch), 1 torch thread",
         "preset": "default",
         "folds": 2,
         "features": {16: 4, 32: 8, 64: 8},
         "prep": {"scale": 0.25, "crop_slices": 48},
-        "train": {"max_epochs": 3, "min_epochs": 2, "patience": 1, "lr": 3e-3, "deterministic": False},
+        "train": {"max_epochs": 3, "min_epochs": 2, "patience": 1, "lr": 3e-3, "deterministic": False, "threads": 1},
         "train_2d": {"slices_per_volume": 8, "batch_size": 4, "val_batch_size": 48},
     },
 }
