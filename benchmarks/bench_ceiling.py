@@ -17,7 +17,10 @@ warm-up, with 2 torch threads:
   ``run_all.py`` passes the network timings of the inference benchmark instead of timing
   the paper-size network again.
 
-Achieved GFLOP/s and the fraction of the same precision's matmul ceiling are reported.
+Achieved GFLOP/s and the fraction of the same precision's matmul ceiling are reported, per wall
+second and per CPU second (process CPU time, all threads): on a shared, oversubscribed machine
+the wall-clock figures measure the share of the cores this process got, the CPU-time figures
+measure the code (2 cores x GFLOP/CPU-s is the idle machine's throughput).
 Writes ``ceiling_<size>.csv``.
 """
 
@@ -54,9 +57,11 @@ def network_flops(model_config: dict[str, Any], shape: tuple[int, ...]) -> float
 
 
 def run(size: str = "paper", repeats: int = 5, network_times: dict[str, list[float]] | None = None,
-        threads: int | None = None, log=common.say) -> dict[str, Any]:
-    """Run the benchmark. ``network_times``: ``{"plain": [...], "femurseg-network": [...], ...}``
-    seconds of forward passes measured elsewhere on the same input (skips timing the network here)."""
+        threads: int | None = None, log=common.say,
+        network_cpu: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Run the benchmark. ``network_times`` / ``network_cpu``: ``{"plain": [...], "femurseg-network": [...]}``
+    wall / CPU seconds of forward passes measured elsewhere on the same input (then the network
+    is not timed here)."""
     import torch
 
     from femurseg import accel
@@ -90,10 +95,12 @@ def run(size: str = "paper", repeats: int = 5, network_times: dict[str, list[flo
         "conv3x3x3_bf16_channels_last": (under_inference(lambda: conv_bf(xc_bf)), conv_flop, "bf16"),
     }
     log(f"ceiling[{size}]: matmul n={n}, conv 32->32 3x3x3 on {grid}")
-    times = common.interleaved({k: v[0] for k, v in kernels.items()}, repeats, warmup=1, log=log)
+    cpu: dict[str, list[float]] = {}
+    times = common.interleaved({k: v[0] for k, v in kernels.items()}, repeats, warmup=1, log=log, cpu=cpu)
     shape = SHAPES[size]
     flop = network_flops(MODEL, shape)
     net_times = dict(network_times or {})
+    net_cpu = dict(network_cpu or {})
     setup_s: dict[str, float] = {}
     if not net_times:
         torch.manual_seed(0)
@@ -109,28 +116,34 @@ def run(size: str = "paper", repeats: int = 5, network_times: dict[str, list[flo
             fwd = accel.optimise_for_inference(model, tuple(x.shape), "cpu", mode)
             setup_s[f"accel[{mode}]"] = fwd.setup_s
             engines[f"accel[{mode}]={fwd.mode}"] = (lambda f=fwd: f(x))
-        net_times = common.interleaved(engines, repeats, warmup=1, log=log)
+        net_times = common.interleaved(engines, repeats, warmup=1, log=log, cpu=net_cpu)
 
     machine = common.machine_info()
-    peak = {"fp32": 2.0 * n**3 / common.median(times["matmul_fp32"]),
-            "bf16": 2.0 * n**3 / common.median(times["matmul_bf16"])}
+    mm = {p: 2.0 * n**3 for p in ("fp32", "bf16")}
+    peak = {p: mm[p] / common.median(times[f"matmul_{p}"]) for p in mm}
+    peak_cpu = {p: mm[p] / common.median(cpu[f"matmul_{p}"]) for p in mm}
     rows = []
+
+    def row(kernel: str, prec: str, f: float, wall: list[float], cpu_s: list[float] | None, **extra: Any) -> dict:
+        t = common.median(wall)
+        c = common.median(cpu_s) if cpu_s else None
+        return {"benchmark": f"ceiling_{size}", "kernel": kernel, "precision": prec, "flop": f,
+                "seconds_median": t, "cpu_seconds_median": "" if c is None else c, "repeats": len(wall),
+                "gflops": f / t / 1e9, "fraction_of_matmul_peak": (f / t) / peak[prec],
+                "gflops_per_cpu_second": "" if c is None else f / c / 1e9,
+                "fraction_of_matmul_peak_cpu": "" if c is None else (f / c) / peak_cpu[prec], **extra, **machine}
+
     for name, (_, f, prec) in kernels.items():
-        t = common.median(times[name])
-        rows.append({"benchmark": f"ceiling_{size}", "kernel": name, "precision": prec, "flop": f,
-                     "seconds_median": t, "repeats": repeats, "gflops": f / t / 1e9,
-                     "fraction_of_matmul_peak": (f / t) / peak[prec], **machine})
+        rows.append(row(name, prec, f, times[name], cpu[name]))
     for name, ts in net_times.items():
-        t = common.median(ts)
         prec = "bf16" if "bf16" in name else "fp32"
-        rows.append({"benchmark": f"ceiling_{size}", "kernel": f"network_forward[{name}]",
-                     "precision": prec, "flop": flop, "seconds_median": t, "repeats": len(ts),
-                     "gflops": flop / t / 1e9, "fraction_of_matmul_peak": (flop / t) / peak[prec],
-                     "input": "x".join(map(str, shape)), "setup_s": setup_s.get(name.split("=")[0], ""),
-                     **machine})
+        rows.append(row(f"network_forward[{name}]", prec, flop, ts, net_cpu.get(name),
+                        input="x".join(map(str, shape)), setup_s=setup_s.get(name.split("=")[0], "")))
     for r in rows:
+        per_cpu = (f"  {r['gflops_per_cpu_second']:7.1f} GFLOP/CPU-s ({100 * r['fraction_of_matmul_peak_cpu']:4.0f}%)"
+                   if r["gflops_per_cpu_second"] != "" else "")
         log(f"  {r['kernel']:<44} {r['seconds_median']:9.4f} s  {r['gflops']:8.1f} GFLOP/s  "
-            f"{100 * r['fraction_of_matmul_peak']:5.1f}% of {r['precision']} matmul")
+            f"{100 * r['fraction_of_matmul_peak']:5.1f}% of {r['precision']} matmul" + per_cpu)
     return {"rows": rows, "times": times, "network_flop": flop}
 
 

@@ -14,7 +14,8 @@ same logits as ``model(x)`` (float32, same shape, on ``x``'s device) but faster,
     ReLU after it replaced by one oneDNN call (``torch.ops.mkldnn._convolution_pointwise``,
     ReLU fused as a post-op) on weights **pre-packed** once into oneDNN's blocked layout for
     the input shape -- what inductor's freezing does, without compiling anything. Same
-    numbers as ``"none"`` up to float32 rounding; no set-up cost beyond one pass.
+    numbers as ``"none"`` up to float32 rounding (max |logit difference| ~1e-6); the packing
+    happens on the first call (a fraction of a second) and keeps one packed copy of the weights.
 ``"compile"``
     ``torch.compile`` (inductor, C++ back-end) with **freezing** (weights become constants, so
     oneDNN pre-packs them and fuses bias + ReLU into the convolutions), channels-last, float32.
@@ -25,8 +26,10 @@ same logits as ``model(x)`` (float32, same shape, on ``x``'s device) but faster,
     ``"fused"`` with bfloat16 weights and activations (float32 accumulation inside oneDNN), or
     ``"compile"`` under bfloat16 autocast: faster again on CPUs with AVX512-BF16/AMX, but the
     logits move by ~1e-2, which flips voxels whose foreground/background margin is that small.
-    A trained network has few such voxels; a network with random weights has many (Dice
-    against float32 ~0.993 on the paper's input), so these modes are opt-in only.
+    A trained network has few such voxels (demo 3D U-Net trained by ``femurseg cv``: mask Dice
+    against float32 >= 0.9996 on 6 unseen phantoms); a network with random weights has many
+    (Dice ~0.993 on the paper's input), so these modes are opt-in only
+    (``FEMURSEG_ACCEL=bf16``).
 ``"onnx"``
     ONNX Runtime (CPU execution provider, all graph optimisations), via
     :func:`femurseg.export.export_onnx` and :class:`femurseg.export.OnnxModel`.
@@ -36,9 +39,14 @@ same logits as ``model(x)`` (float32, same shape, on ``x``'s device) but faster,
     (the caller's float16 autocast applies, as in :mod:`femurseg.infer`).
 
 **Fallback.** A mode that cannot run here (no C++ compiler for inductor, no onnxruntime, no
-bfloat16 support, an export or compile error) falls back to the next one in
-:data:`FALLBACK` -- never to an error -- and the returned callable records why in ``.reason``
-(``warn=True`` also issues a :class:`RuntimeWarning`).
+oneDNN or bfloat16 support, an export or compile error, a failure on the first call) falls back
+to the next one in :data:`FALLBACK` -- never to an error -- and the returned callable records why
+in ``.reason`` (``warn=True`` also issues a :class:`RuntimeWarning`).
+
+**Where it is used.** :func:`femurseg.infer.predict_classes` runs every float32 forward pass
+through :func:`accelerated` with :func:`default_mode` (``$FEMURSEG_ACCEL``, default "auto");
+``FEMURSEG_ACCEL=none`` restores plain eager PyTorch, ``FEMURSEG_ACCEL=compile`` or ``bf16`` opt
+in to the other levers. Autocast runs (``amp=True``, CUDA) keep infer's own autocast path.
 
 **Caching.** :func:`accelerated` memoises the callable per (model, weights version, input shape,
 device, mode), so the inference loop can ask for it on every forward pass: the compile/export
@@ -71,9 +79,11 @@ MODES = ("auto", "none", "channels-last", "fused", "compile", "bf16", "compile-b
 """Accepted ``mode`` values of :func:`optimise_for_inference`."""
 
 AUTO_CPU = "fused"
-"""What ``mode="auto"`` means on the CPU: the fastest float32-exact mode measured on the reference
-machine (2-core AMD EPYC, AVX512-BF16; ``benchmarks/results/SUMMARY.md``). bfloat16 modes are
-never chosen automatically: they move masks (Dice < 0.999 against float32 for untrained nets)."""
+"""What ``mode="auto"`` means on the CPU: the fastest float32-exact mode without a set-up cost,
+measured on the reference machine (2-core AMD EPYC, AVX512-BF16; ``benchmarks/results/SUMMARY.md``):
+"fused" is as fast as "compile" without its compilation (tens of seconds per process and input
+shape, redone whenever the weights change, e.g. every validation epoch). bfloat16 modes are never
+chosen automatically: they move masks (Dice < 0.999 against float32 for untrained nets)."""
 
 FALLBACK = {
     "compile-bf16": "bf16",
