@@ -23,6 +23,8 @@ Engines, timed interleaved in one process (see ``benchmarks/common.py``):
   (:func:`femurseg.predict.predict_probability` + :func:`femurseg.predict.segment`).
 * ``femurseg-network``: :func:`femurseg.infer.predict_prob` on the preprocessed volume (the
   network part of the path, with its softmax), to compare like with like.
+* ``femurseg[MODE]`` (``opt_in``; ``run_all`` uses ``bf16``): the whole path with
+  ``FEMURSEG_ACCEL=MODE``, an opt-in :mod:`femurseg.accel` mode.
 * ``monai``: the same network on the same preprocessed volume through
   ``monai.inferers.sliding_window_inference`` with MONAI's defaults (``sw_batch_size=1``,
   ``overlap=0.25``, ``mode="constant"``) and ``roi_size`` = the whole preprocessed volume, which
@@ -96,7 +98,7 @@ def build(model_config: dict[str, Any]):
 
 
 def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threads: int | None = None,
-        log=common.say) -> dict[str, Any]:
+        log=common.say, opt_in: Sequence[str] = ()) -> dict[str, Any]:
     """Run the benchmark; ``threads`` None: 2 (1 for ``tiny``). Returns ``{"rows": [...], "times": {...}}``."""
     import numpy as np
     import torch
@@ -135,7 +137,24 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
     def femurseg_network() -> np.ndarray:
         return infer.predict_prob(model, image, device="cpu")
 
+    def with_mode(fn, mode: str):
+        def run_with_mode():
+            from femurseg import accel
+
+            old = os.environ.get(accel.ENV_MODE)
+            os.environ[accel.ENV_MODE] = mode
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    del os.environ[accel.ENV_MODE]
+                else:
+                    os.environ[accel.ENV_MODE] = old
+        return run_with_mode
+
     engines = {"femurseg": femurseg_path, "femurseg-network": femurseg_network, "monai": monai, "plain": plain}
+    for mode in opt_in:  # the whole path with an opt-in acceleration mode ($FEMURSEG_ACCEL)
+        engines[f"femurseg[{mode}]"] = with_mode(femurseg_path, mode)
     setup: dict[str, float] = {}
     if levers:
         from femurseg import accel
@@ -162,7 +181,7 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
 
     # masks and agreement
     def to_mask(name: str, out: Any) -> np.ndarray:
-        if name == "femurseg":
+        if name == "femurseg" or name.startswith("femurseg["):
             return np.asarray(out, bool)
         if isinstance(out, np.ndarray):  # femurseg-network: probabilities already
             return post(out).astype(bool)
@@ -183,7 +202,8 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
         rows.append({
             **base,
             "engine": name,
-            "covers": COVERS.get(name, "network only (femurseg.accel mode)"),
+            "covers": COVERS.get(name, f"whole predict path, FEMURSEG_ACCEL={name[9:-1]} (opt-in)"
+                                 if name.startswith("femurseg[") else "network only (femurseg.accel mode)"),
             "seconds_median": t,
             "seconds_min": min(times[name]),
             "repeats": repeats,
@@ -201,7 +221,8 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
             "cpu_speedup_vs_monai": common.median(cpu["monai"]) / common.median(cpu[name]),
             "speedup_vs_monai": t_monai / t,
             "speedup_vs_monai_per_round": common.ratio_stats(times, "monai", name)[1],
-            "accel_mode": _infer_mode(model) if name.startswith("femurseg") else "",
+            "accel_mode": (name[9:-1] if name.startswith("femurseg[") else _infer_mode(model))
+                          if name.startswith("femurseg") else "",
             **machine,
         })
     for r in rows:
@@ -227,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--levers", nargs="*", default=None, metavar="MODE",
                     help=f"also time femurseg.accel modes, network only (no MODE: {' '.join(LEVERS)})")
+    ap.add_argument("--opt-in", nargs="*", default=[], metavar="MODE",
+                    help="also time the whole path with FEMURSEG_ACCEL=MODE (e.g. bf16)")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     args = ap.parse_args(argv)
     levers = () if args.levers is None else (args.levers or LEVERS)
-    res = run(args.size, args.repeats, levers)
+    res = run(args.size, args.repeats, levers, opt_in=args.opt_in)
     name = f"{'levers' if levers else 'inference'}_{args.size}.csv"
     common.say(f"wrote {common.write_csv(res['rows'], args.out / name)}")
     return 0
