@@ -181,3 +181,16 @@ def test_compiled_modes(net_and_input, mode):
     fwd = accel.optimise_for_inference(model, tuple(x.shape), "cpu", mode)
     tol = 1e-4 if mode == "compile" else 0.1
     assert torch.allclose(fwd(x), ref, atol=tol, rtol=tol)
+
+
+def test_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    model = _unet3d()
+    ref = weakref.ref(model)
+    accel.accelerated(model, (1, 1, 4, 8, 8), "cpu", "fused")(torch.zeros(1, 1, 4, 8, 8))
+    accel.accelerated(model, (1, 1, 4, 8, 12), "cpu", "channels-last")
+    del model
+    gc.collect()
+    assert ref() is None

@@ -170,7 +170,7 @@ class Accelerated:
         reason: why ``mode`` differs from the requested one ("" if it does not).
         setup_s: seconds spent preparing (copy, export; with ``warmup`` also the compilation and
             the first pass).
-        model: the original network (unchanged).
+        model: the original network (unchanged; cached callables hold it weakly).
 
     A mode that fails on its first real call (e.g. a compiler error inside ``torch.compile``)
     is replaced, for that call and all later ones, by its :data:`FALLBACK`; later failures
@@ -185,12 +185,28 @@ class Accelerated:
         self.requested = requested
         self.reason = reason
         self.setup_s = setup_s
-        self.model = model
+        self._model: nn.Module | None = model
+        self._model_ref = weakref.ref(model)
         self._memory_format = memory_format
         self._bf16 = bf16
         self._checked = mode == "none"
         self._device: torch.device | None = None
         self._warn = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The original network (held weakly by cached callables, see :func:`accelerated`)."""
+        m = self._model if self._model is not None else self._model_ref()
+        if m is None:
+            raise RuntimeError("accel: the model of this callable no longer exists")
+        return m
+
+    def _hold_weakly(self) -> None:
+        """Drop the strong reference to the model (cache entries must not keep their key alive)."""
+        self._model = None
+        if self.mode == "none":
+            ref = self._model_ref
+            self._fn = lambda x: ref()(x)  # noqa: E731
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -212,6 +228,8 @@ class Accelerated:
             nxt = _prepare(self.model, FALLBACK[self.mode], self._device or x.device,
                            [*([self.reason] if self.reason else []), f"{self.mode} failed ({_first_line(exc)})"])
             nxt.requested = self.requested
+            if self._model is None:
+                nxt._hold_weakly()
             if self._warn:
                 warnings.warn(f"accel: using mode {nxt.mode!r}: {nxt.reason}", RuntimeWarning, stacklevel=2)
             self.__dict__.update({k: v for k, v in nxt.__dict__.items() if k != "_warn"})
@@ -478,6 +496,7 @@ def accelerated(model: nn.Module, example_shape: Sequence[int], device: torch.de
         while len(per_model) >= MAX_CACHED_SHAPES:  # least recently used first
             del per_model[next(iter(per_model))]
         hit = optimise_for_inference(model, shape, dev, mode, warmup=False, warn=True)
+        hit._hold_weakly()
     per_model[key] = hit  # (re)insert as the most recently used
     return hit
 
