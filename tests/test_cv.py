@@ -172,9 +172,9 @@ def test_split_reuse(cv_run, tiny, tmp_path):
 
 def test_resolve_configs_presets():
     d = resolve_configs()
-    assert d["model"]["name"] == "unet3d" and d["train"]["loss"] == "wce"
+    assert d["model"]["name"] == "unet3d" and d["train"]["loss"] == "dice-wce" and d["model"]["norm"] == "instance"
     p = resolve_configs("paper")
-    assert p["train"]["lr"] == 5e-5 and p["model"]["dilations"] == [1, 2, 4, 8]
+    assert p["train"]["lr"] == 5e-5 and p["model"]["dilations"] == [1, 2, 4, 8] and p["train"]["loss"] == "wce"
     assert p["preprocess"]["target_size"] == [256, 256]
     v = resolve_configs("paper", {"name": "vnet"})
     assert v["model"]["name"] == "vnet" and "dilations" not in v["model"]
