@@ -73,7 +73,8 @@ def make_sample(size: str):
     return Sample("bench", image, label)
 
 
-def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=common.say) -> dict[str, Any]:
+def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=common.say,
+        nofill: bool = True) -> dict[str, Any]:
     """Run the benchmark; ``threads`` None: 2 (1 for ``tiny``). Returns ``{"rows": [...], "times": {...}}``."""
     import copy
 
@@ -127,6 +128,8 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
 
     model_n = copy.deepcopy(model_f)
     engines = {"femurseg": femurseg_step, "femurseg-nofill": femurseg_nofill_step, "plain": plain_step}
+    if not nofill:
+        del engines["femurseg-nofill"]
     mem: dict[str, tuple[float, float]] = {}
     cpu: dict[str, list[float]] = {}
     times = common.interleaved(engines, repeats, warmup=1, log=log, peak_mb=mem, cpu=cpu)
