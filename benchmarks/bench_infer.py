@@ -37,7 +37,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from femurseg.run import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -56,14 +56,6 @@ PAPER_SECONDS = 5.0  # paper 001: about 5 s per subject, Tesla P100
 SCAN_SHAPE, SCAN_SPACING = (60, 512, 512), (1.5, 0.234, 0.234)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _rss_mb() -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,21 +38,13 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from femurseg.run import cpu_model
 from femurseg import metrics  # noqa: E402
 from femurseg.errors import atomic_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "metrics.csv"
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, cells: int = 8) -> np.ndarray:

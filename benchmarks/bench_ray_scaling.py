@@ -32,7 +32,6 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from femurseg.run import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -54,14 +54,6 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _grid(dataset: Path, out: Path, configs: int, epochs: int, backend: Any) -> tuple[float, float | None, float]:
@@ -176,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                          + (f"; folds {base['folds_wall_s'] / m['folds_wall_s']:.2f}x" if m["folds_wall_s"] else "")),
                      "load_1min_start": round(m["load_1min_start"], 2), "load_1min_end": ""})
     for r in rows:
-        r.update({"cores": os.cpu_count(), "cpu": _cpu(), "torch": torch.__version__, "ray": ray.__version__})
+        r.update({"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "ray": ray.__version__})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
