@@ -173,3 +173,20 @@ def test_cascade_cv_and_predict_end_to_end(tmp_path):
     out = io.read_image(res.outputs.mask, dtype=None)
     assert out.data.shape == io.read_image(case.image).data.shape
     assert set(np.unique(out.data)) <= {0, 1, 2}
+
+
+def test_cascade_tables_follow_003_tables_1_and_2():
+    e = {"mae": 1.0, "rmse": 1.5, "bias": 0.2, "re_mean_pct": 3.0, "re_min_pct": 0.1, "re_max_pct": 6.0, "n": 4,
+         "ref_mean_cm3": 40.0, "ref_sd_cm3": 5.0}
+    summary = {"cases": 4, "volume_errors": {"own": {"head/total": e, "neck/cortical": e},
+                                             "reference": {"head/total": e, "neck/cortical": e}}}
+    for name in ct.COMPARTMENTS:
+        for key in ("dsc", "asd_mm", "specificity", "sensitivity"):
+            summary[f"mean_{name}_{key}"], summary[f"sd_{name}_{key}"] = 0.9, 0.01
+    t1, t2 = ct.cascade_tables(summary)
+    assert [r["surface"] for r in t1] == ["periosteal", "endosteal", "cortical"]
+    assert set(t1[0]) >= {"DSC", "ASD_mm", "SP", "SN"}
+    assert [r["target"] for r in t2] == ["Femur head", "Cortical bone in femur neck"]
+    text = ct.format_cascade_report(summary)
+    assert "Table 1" in text and "Table 2" in text and "Femur head" in text
+    assert "vnet" in ct.describe_cascade("demo")

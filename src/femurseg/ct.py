@@ -956,3 +956,15 @@ def run_cascade_experiment(dataset: str | Path, out: str | Path, *, scale: str =
     with atomic_path(outp / "report.txt") as tmp:
         tmp.write_text(text + "\n")
     return text
+
+
+def describe_cascade(scale: str = "demo") -> str:
+    """What ``femurseg experiment ct --dry-run`` prints: the two stages' configs at ``scale``."""
+    import json as _json
+
+    cfgs = cascade_configs(scale)
+    lines = [f"CT cascade (paper 003), scale {scale}: stage 1 periosteal (label > 0) from the CT, stage 2 endosteal "
+             "(label == 1) from the CT masked with the periosteal region (dilated 1 mm, -1024 HU outside); "
+             "the same settings for both stages:"]
+    lines += [f"  {k}: {_json.dumps(v)}" for k, v in cfgs.items()]
+    return "\n".join(lines)

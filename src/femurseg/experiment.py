@@ -55,7 +55,7 @@ Notify = Callable[[str], None]
 DILATION_SETS: list[list[int]] = [[1, 2], [1, 4], [1, 8], [1, 2, 4], [1, 2, 4, 8]]
 """Dilation rates of 001 Table 3 (rate 1 alone is the original network)."""
 
-EXPERIMENTS = ("paper",)
+EXPERIMENTS = ("paper", "ct")
 
 #: Settings per scale. ``features`` maps the paper's F to the scale's F.
 SCALES: dict[str, dict[str, Any]] = {
@@ -367,6 +367,15 @@ def experiment_command(name: str, dataset: str | os.PathLike | None, out: str | 
     """What ``femurseg experiment`` does; returns the text to print."""
     if name not in EXPERIMENTS:
         raise FemursegError(f"experiment: unknown experiment {name!r} (available: {', '.join(EXPERIMENTS)})")
+    if name == "ct":  # paper 003's CT cascade study lives in femurseg.ct
+        from femurseg import ct
+
+        if dry_run:
+            return ct.describe_cascade(scale)
+        if dataset is None or out is None:
+            raise FemursegError("experiment: give the DATASET and --out DIR (or --dry-run to see the settings)")
+        return ct.run_cascade_experiment(dataset, out, scale=scale, seed=int(kwargs.get("seed", 0)),
+                                         device=kwargs.get("device"), progress=bool(kwargs.get("progress", True)))
     grid = select_grid(paper_grid(scale), models)
     if dry_run:
         return format_grid(grid, scale)
