@@ -98,7 +98,7 @@ def build(model_config: dict[str, Any]):
 
 
 def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threads: int | None = None,
-        log=common.say, opt_in: Sequence[str] = ()) -> dict[str, Any]:
+        log=common.say, opt_in: Sequence[str] = (), network_only: bool = False) -> dict[str, Any]:
     """Run the benchmark; ``threads`` None: 2 (1 for ``tiny``). Returns ``{"rows": [...], "times": {...}}``."""
     import numpy as np
     import torch
@@ -155,6 +155,8 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
     engines = {"femurseg": femurseg_path, "femurseg-network": femurseg_network, "monai": monai, "plain": plain}
     for mode in opt_in:  # the whole path with an opt-in acceleration mode ($FEMURSEG_ACCEL)
         engines[f"femurseg[{mode}]"] = with_mode(femurseg_path, mode)
+    if network_only:  # lever sweeps: only the network engines (plain is the reference)
+        engines = {k: v for k, v in engines.items() if k in ("femurseg-network", "plain")}
     setup: dict[str, float] = {}
     if levers:
         from femurseg import accel
@@ -196,9 +198,14 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
             "network_input": "x".join(map(str, image.shape)),
             "model": f"unet3d F{cfg['features']} L{cfg['levels']} dil {','.join(map(str, cfg['dilations']))}"}
     rows = []
-    t_plain, t_monai = common.median(times["plain"]), common.median(times["monai"])
+    t_plain = common.median(times["plain"])
+    if "monai" not in times:  # network-only sweep: ratios against MONAI are not measured
+        times["monai"], cpu["monai"] = [float("nan")] * repeats, [float("nan")] * repeats
+    t_monai = common.median(times["monai"])
     for name in engines:
         t = common.median(times[name])
+        if name not in masks:
+            continue
         rows.append({
             **base,
             "engine": name,
@@ -250,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"also time femurseg.accel modes, network only (no MODE: {' '.join(LEVERS)})")
     ap.add_argument("--opt-in", nargs="*", default=[], metavar="MODE",
                     help="also time the whole path with FEMURSEG_ACCEL=MODE (e.g. bf16)")
+    ap.add_argument("--network-only", action="store_true",
+                    help="time only plain, femurseg-network and the levers (no predict path, no MONAI)")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     args = ap.parse_args(argv)
     levers = () if args.levers is None else (args.levers or LEVERS)
-    res = run(args.size, args.repeats, levers, opt_in=args.opt_in)
+    res = run(args.size, args.repeats, levers, opt_in=args.opt_in, network_only=args.network_only)
     name = f"{'levers' if levers else 'inference'}_{args.size}.csv"
     common.say(f"wrote {common.write_csv(res['rows'], args.out / name)}")
     return 0

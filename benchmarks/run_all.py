@@ -17,6 +17,10 @@ levers_demo         every femurseg.accel mode on the demo input                 
 ==================  ==================================================================  =========
 
 ``--quick`` (a few minutes): fewer repeats, no paper-size training, no lever sweep.
+
+Standalone complements, not run here (they measure other things): ``bench_infer.py`` (end-to-end
+``femurseg predict`` with file I/O, and GPU runs), ``bench_train.py`` (whole epochs with
+validation, 2D U-Net, autocast, GPU) and ``bench_ray_scaling.py`` (Ray back-end scaling).
 The paper-size lever sweep (``bench_inference.py --size paper --levers``, ~15 min with the
 compilations) is run separately; ``SUMMARY.md`` includes every CSV present in the results folder,
 with the date it was measured.
