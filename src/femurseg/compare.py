@@ -533,11 +533,16 @@ def run_compare(
                                f"an empty prediction.")]
     if pairs:
         cls = {"ns": "sig-ns", "*": "sig-1", "**": "sig-2", "***": "sig-3"}
+        # numbered columns keep the matrix narrow (001 Table 4 layout); the CSV has full names
+        numbered = [{"model": f"[{i + 1}] {r['model']}", **{f"[{j + 2}]": r[m.name] for j, m in enumerate(models[1:])}}
+                    for i, r in enumerate(matrix)]
         blocks += [H.Heading(f"Pairwise significance of per-case {sig_metric.upper()} (001 Table 4)"),
-                   H.Table(matrix, ["model", *[m.name for m in models[1:]]], csv="table_significance.csv",
-                           cell_class=cls,
-                           caption="Paired Wilcoxon signed-rank tests with Holm correction over all pairs: "
-                                   "ns p ≥ 0.05, * p < 0.05, ** p < 0.01, *** p < 0.001."),
+                   H.Table(numbered, ["model", *[f"[{j + 2}]" for j in range(len(models) - 1)]],
+                           csv="table_significance.csv", cell_class=cls,
+                           caption="Paired Wilcoxon signed-rank tests with Holm correction over all pairs; "
+                                   "column [k] is model [k] ("
+                                   + "; ".join(f"[{i + 1}] {m.name}" for i, m in enumerate(models))
+                                   + "). ns p ≥ 0.05, * p < 0.05, ** p < 0.01, *** p < 0.001."),
                    H.Link([("table_significance_pairs.csv", "p-values of every pair (raw and Holm-adjusted)")])]
     curves = {m.name: m.curves for m in models if m.curves is not None}
     if curves:

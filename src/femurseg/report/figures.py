@@ -85,7 +85,9 @@ def roc_pr_figure(
         log_fpr: draw the false-positive rate on a log axis (segmentation ROC curves hug
             the left edge on a linear one).
     """
-    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.4))
+    many = len(curves) > 4  # legends below the axes instead of over the curves
+    height = 4.4 + (0.2 * (len(curves) + 1) + 0.6 if many else 0.0)
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, height))
     colours = model_colours(len(curves))
     for (name, c), col in zip(curves.items(), colours):
         fpr, tpr = np.asarray(c["fpr"], float), np.asarray(c["tpr"], float)
@@ -108,19 +110,22 @@ def roc_pr_figure(
     ax_roc.set_ylim(0, 1.01)
     ax_roc.set_ylabel("true positive rate (sensitivity)")
     ax_roc.set_title("ROC (pooled voxels, out-of-fold)")
-    ax_roc.legend(loc="lower right", frameon=False)
+    below = {"loc": "upper left", "bbox_to_anchor": (-0.02, -0.12 * 4.4 / 3.6), "frameon": False, "ncol": 1}
+    ax_roc.legend(**(below if many else {"loc": "lower right", "frameon": False}))
     ax_roc.grid(alpha=0.3)
     ax_pr.set_xlim(0, 1.01)
     ax_pr.set_ylim(0, 1.01)
     ax_pr.set_xlabel("recall (sensitivity)")
     ax_pr.set_ylabel("precision (PPV)")
     ax_pr.set_title("precision-recall (pooled voxels, out-of-fold)")
-    ax_pr.legend(loc="lower left", frameon=False)
     ax_pr.grid(alpha=0.3)
     if operating_points:
         ax_pr.plot([], [], "o", color="w", mec="k", label="operating point (PR threshold)")
-        ax_pr.legend(loc="lower left", frameon=False)
-    fig.tight_layout()
+    ax_pr.legend(**(below if many else {"loc": "lower left", "frameon": False}))
+    if many:
+        fig.subplots_adjust(left=0.07, right=0.98, wspace=0.25, top=1 - 0.4 / height, bottom=(height - 4.0) / height)
+    else:
+        fig.tight_layout()
     return _save(fig, path)
 
 
