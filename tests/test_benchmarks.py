@@ -85,7 +85,10 @@ def test_peak_rss_sees_an_allocation():
     import numpy as np
 
     def alloc():
+        import time
+
         a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        time.sleep(0.3)  # hold it long enough for the sampling thread on a loaded machine
         return float(a.sum())
 
     peak, base = common.peak_memory_mb(alloc)
