@@ -577,7 +577,8 @@ def run_compare(
                                caption="Mean absolute error, root mean square error and relative error "
                                        "|pred − ref| / ref of the segmented volume (003 Eqs. 6-8)."),
                        H.Figure("volume_agreement.png", "Relative volume error against the reference volume, "
-                                                        "one dot per case (003 Fig. 8, signed); dashed: ±5 %.", width="62%"),
+                                                        "one dot per case (003 Fig. 8, signed); dashed: ±5 %.",
+                                  width="62%" if len(models) <= 3 else None),
                        H.Figure("bland_altman.png", "Bland-Altman plots: predicted − reference volume against "
                                                     "their mean; bias (solid) and 95 % limits of agreement (dashed).")]
     panel_info: list[dict[str, Any]] = []

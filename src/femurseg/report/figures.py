@@ -191,7 +191,7 @@ def volume_agreement_figure(
     Args:
         ref_volumes / pred_volumes: model name -> per-case volumes in cm^3 (paired).
     """
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fig, ax = plt.subplots(figsize=(6.2 + (3.4 if len(pred_volumes) > 3 else 0.0), 4.2))
     colours = model_colours(len(pred_volumes))
     markers = "osD^v<>ph*"
     for i, (name, col) in enumerate(zip(pred_volumes, colours)):
@@ -209,7 +209,10 @@ def volume_agreement_figure(
     ax.set_ylabel("relative volume error (pred - ref) / ref [%]")
     ax.set_title(f"{what} volume agreement")
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False, loc="best")
+    if len(pred_volumes) > 3:  # beside the axes, not over the points
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(frameon=False, loc="best")
     fig.tight_layout()
     return _save(fig, path)
 
