@@ -59,3 +59,9 @@ def test_check_exit_codes(tmp_path):
     io.write_like(tmp_path / "ds" / "labelsTr" / "a.nii.gz", lab.data * 2, img)
     r = femurseg("check", tmp_path / "ds")
     assert r.returncode == 1 and "a: " in r.stdout and "label values [2]" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_usage_errors_are_not_tracebacks():
+    for args in (["nosuchcmd"], ["check"]):
+        r = femurseg(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "Usage" in r.stderr

@@ -439,10 +439,8 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("femurseg: interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors (click's or typer's vendored click: duck-typed)
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
