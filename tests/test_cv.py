@@ -17,7 +17,7 @@ from femurseg.errors import FemursegError
 from femurseg.run import load_run
 
 TINY = {"model_cfg": {"features": 4, "levels": 2}, "prep_cfg": {"scale": None, "crop_slices": 14},
-        "train_cfg": {"max_epochs": 2, "min_epochs": 0, "lr": 5e-3}, "progress": False}
+        "train_cfg": {"max_epochs": 2, "min_epochs": 0, "lr": 5e-3, "threads": 1}, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_bad_inputs(tiny, tmp_path):
 
 
 def test_train_single_model_layout(tiny, tmp_path):
-    res = run_train(tiny, tmp_path / "single", val_fraction=0.5, **{**TINY, "train_cfg": {"max_epochs": 1, "min_epochs": 0}})
+    res = run_train(tiny, tmp_path / "single", val_fraction=0.5, **{**TINY, "train_cfg": {"max_epochs": 1, "min_epochs": 0, "threads": 1}})
     run = load_run(tmp_path / "single")
     assert run.kind == "train" and run.k == 1 and len(run.folds[0]) == 2
     assert len(run.load_models()) == 1
@@ -164,7 +164,7 @@ def test_train_single_model_layout(tiny, tmp_path):
 def test_split_reuse(cv_run, tiny, tmp_path):
     out = tmp_path / "same_folds"
     run_cv(tiny, out, split_file=cv_run[0], **{**TINY, "model_cfg": {"name": "unet2d", "features": 4, "levels": 2},
-                                                 "train_cfg": {"max_epochs": 1, "min_epochs": 0,
+                                                 "train_cfg": {"max_epochs": 1, "min_epochs": 0, "threads": 1,
                                                                "slices_per_volume": 4}})
     assert load_run(out).folds == load_run(cv_run[0]).folds
     assert load_run(out).model_config["name"] == "unet2d"
@@ -178,3 +178,22 @@ def test_resolve_configs_presets():
     assert p["preprocess"]["target_size"] == [256, 256]
     v = resolve_configs("paper", {"name": "vnet"})
     assert v["model"]["name"] == "vnet" and "dilations" not in v["model"]
+
+
+def test_parallel_fold_processes_match_the_sequential_run(cv_run, tiny, tmp_path):
+    """workers=2 (one spawned process per fold, 1 thread each) gives the weights of workers=1."""
+    import torch
+
+    from femurseg.cv import local_workers
+
+    out = tmp_path / "parallel"
+    run_cv(tiny, out, folds=2, seed=5, workers=2, **TINY)
+    for k in range(2):
+        a = torch.load(cv_run[0] / f"fold_{k}" / "best.pt", weights_only=True)
+        b = torch.load(out / f"fold_{k}" / "best.pt", weights_only=True)
+        assert a["epoch"] == b["epoch"]
+        assert all(torch.equal(a["model"][p], b["model"][p]) for p in a["model"])
+    assert (out / "thresholds.json").exists()
+    assert local_workers(1, 4) == 1 and local_workers("3", 2) == 2 and local_workers("auto", 4, "cpu") >= 1
+    with pytest.raises(FemursegError, match="--workers"):
+        local_workers("many", 4)

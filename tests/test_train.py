@@ -155,7 +155,7 @@ def test_fit_learns_and_keeps_best(tmp_path, name):
     samples = _blob_samples(4)
     seed_everything(derive_seed(0, 0, 0))
     model = build_model({"name": name, "features": 4, "levels": 2})
-    cfg = TrainConfig(lr=1e-2, max_epochs=3, min_epochs=0, patience=5, threads=None, slices_per_volume=4)
+    cfg = TrainConfig(lr=1e-2, max_epochs=3, min_epochs=0, patience=5, threads=1, slices_per_volume=4)
     res = fit(model, samples[:3], samples[3:], cfg, out_dir=tmp_path, progress=False)
     log = read_log(tmp_path / "log.csv")
     assert [int(r["epoch"]) for r in log] == [1, 2, 3]
@@ -172,8 +172,10 @@ def test_fit_without_validation_monitors_training_loss():
     from femurseg.models import build_model
 
     model = build_model({"name": "unet3d", "features": 4, "levels": 1})
-    res = fit(model, _blob_samples(2), [], TrainConfig(max_epochs=2, min_epochs=0), progress=False)
+    threads = torch.get_num_threads()
+    res = fit(model, _blob_samples(2), [], TrainConfig(max_epochs=2, min_epochs=0, threads=1), progress=False)
     assert res.epochs == 2 and math.isnan(res.history[0]["val_dice"])
+    assert torch.get_num_threads() == threads  # restored
 
 
 # ----------------------------------------------------------------------------- kill -9 and resume

@@ -108,7 +108,8 @@ class TrainConfig:
             float32 on CPU), True (also bfloat16 autocast on CPU: about half the CPU time of a
             step, but it made tiny test volumes diverge to NaN now and then, so it is opt-in),
             False (float32 everywhere).
-        threads: torch CPU threads (None: torch's default).
+        threads: torch CPU threads during :func:`fit` (None: torch's default, the number of
+            physical cores; restored afterwards).
         deterministic: request deterministic kernels (``torch.use_deterministic_algorithms``).
         val_batch_size: slices (2D) per forward pass in validation.
     """
@@ -495,6 +496,7 @@ def fit(
         warnings.warn("bfloat16 autocast disabled for this model and input size: torch's CPU bfloat16 "
                       "Conv3d weight gradient is wrong for inputs of depth 2 (training in float32)", stacklevel=2)
         use_amp = False
+    prev_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(out_dir) if out_dir is not None else None
@@ -600,6 +602,7 @@ def fit(
                 dist.barrier()  # rank 0's checkpoints are complete before any rank reads them
     finally:
         torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
     # Leave the best weights in the model.
     if out is not None and (out / "best.pt").exists():
         model.load_state_dict(load_checkpoint(out / "best.pt", map_location=dev)["model"])
