@@ -257,3 +257,20 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path):
     for k in best_a["model"]:
         assert torch.equal(best_a["model"][k], best_b["model"][k]), k
     assert _log_rows(full / "log.csv") == _log_rows(killed / "log.csv")
+
+
+def test_bf16_guard_for_depth_two_conv3d():
+    """torch's CPU bf16 Conv3d weight gradient is wrong at input depth 2: fit() falls back to float32."""
+    from femurseg.models import build_model
+    from femurseg.train import bf16_conv3d_hazard
+
+    model = build_model({"name": "unet3d", "features": 4, "levels": 2})
+    assert bf16_conv3d_hazard(model, _blob_samples(1, shape=(8, 16, 16)), TrainConfig())  # 8 -> 4 -> 2
+    assert not bf16_conv3d_hazard(model, _blob_samples(1, shape=(12, 16, 16)), TrainConfig())  # 12 -> 6 -> 3
+    assert bf16_conv3d_hazard(model, _blob_samples(1, shape=(12, 16, 16)), TrainConfig(patch_size=[8, 8, 8]))
+    assert not bf16_conv3d_hazard(build_model({"name": "unet2d", "features": 4, "levels": 2}),
+                                  _blob_samples(1, shape=(8, 16, 16)), TrainConfig())
+    with pytest.warns(UserWarning, match="bfloat16 autocast disabled"):
+        res = fit(model, _blob_samples(2), [], TrainConfig(max_epochs=1, min_epochs=0, threads=1, amp=True),
+                  progress=False)
+    assert np.isfinite(res.history[0]["train_loss"])

@@ -17,12 +17,13 @@ waits for disk or resampling) and validates it after every epoch.
   class fractions of their whole volume.
 * **Optimiser**: Adam (paper 001 Table 5: learning rate 5e-5 constant, batch size 1), with an
   optional cosine decay of the learning rate over ``max_epochs``.
-* **Defaults** (``TrainConfig()`` = the ``default`` preset of :mod:`femurseg.cv`) are tuned for
-  2 CPU cores and the 16-case phantom (measured, see ``femurseg.cv``): Dice + wCE, Adam 2e-3
-  with cosine decay to 1e-4, at most 16 epochs, early stopping from epoch 10 with patience 5,
-  bfloat16 autocast on CPU (same out-of-fold Dice as float32, 0.966 vs 0.963, at half the CPU
-  time on an AVX512-BF16 CPU; automatically float32 where torch's bf16 Conv3d gradient is
-  broken, :func:`bf16_conv3d_hazard`).
+* **Defaults** (``TrainConfig()``; the ``default`` preset of :mod:`femurseg.cv` adds
+  ``amp=True``) are tuned for 2 CPU cores and the 16-case phantom (measured, see
+  ``femurseg.cv``): Dice + wCE, Adam 2e-3 with cosine decay to 1e-4, at most 16 epochs, early
+  stopping from epoch 10 with patience 5. bfloat16 autocast on CPU (``amp=True``) gave the
+  same out-of-fold Dice as float32 (0.966 vs 0.963) at half the CPU time on an AVX512-BF16
+  CPU; where torch's bf16 ``Conv3d`` weight gradient is broken (input depth 2, which made tiny
+  test volumes diverge to NaN) :func:`fit` trains in float32 (:func:`bf16_conv3d_hazard`).
   ``TrainConfig.preset("paper")``: wCE, Adam 5e-5 constant, early stopping after 30 epochs
   with patience 10 and min delta 1e-4, float32 on CPU.
 * **Validation** after every epoch on the validation cases, whole volumes through
@@ -36,8 +37,8 @@ waits for disk or resampling) and validates it after every epoch.
   validation loss. Without validation cases the training loss is monitored.
   The best epoch's weights are kept (``best.pt``).
 * **Devices**: CUDA when present with automatic mixed precision (float16 autocast and a
-  gradient scaler), CPU otherwise (bfloat16 autocast with ``amp=True``, the default preset;
-  float32 with ``amp=False`` or the paper preset).
+  gradient scaler), CPU otherwise (float32 with ``amp=None``, the dataclass default, or
+  ``amp=False``; bfloat16 autocast with ``amp=True``, the CPU ``default`` preset).
 * **Reproducibility and resume.** Every source of randomness is re-seeded at the start of
   every epoch from ``(seed, fold, epoch)`` (Python ``random``, NumPy, torch incl. CUDA; the
   sample order, augmentation and dropout draw from these), and the complete state after
@@ -106,7 +107,9 @@ class TrainConfig:
         patches_per_volume: patch CNN: tri-planar patches per volume per epoch.
         amp: mixed precision: None (default: float16 autocast with gradient scaling on CUDA,
             float32 on CPU), True (also bfloat16 autocast on CPU: about half the CPU time of a
-            step, but it made tiny test volumes diverge to NaN now and then, so it is opt-in),
+            step; the ``default`` preset of femurseg.cv sets it. Tiny test volumes diverged to
+            NaN with it: torch's bf16 Conv3d weight gradient is wrong at input depth 2, which
+            :func:`fit` now detects and trains in float32, see :func:`bf16_conv3d_hazard`),
             False (float32 everywhere).
         threads: torch CPU threads during :func:`fit` (None: torch's default, the number of
             physical cores; restored afterwards).
