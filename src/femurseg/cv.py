@@ -375,56 +375,101 @@ def local_workers(workers: int | str | None, k: int, device: str | None = None) 
 
 def _train_folds_parallel(run: Run, ds: Dataset, prepared: dict[str, Prepared], folds: list[int], workers: int,
                           device: str | None, progress: bool) -> list[dict[str, Any]]:
-    """Train ``folds`` in ``workers`` spawned processes (each runs :func:`train_fold`); rows in fold order.
+    """Train ``folds`` in up to ``workers`` child processes at a time; rows in fold order.
 
-    Each process uses ``cores // workers`` torch threads unless the run's ``threads`` is set. Every
-    fold is waited for, then the first failure is raised; finished folds are kept (``--resume``).
+    Each child is a fresh ``python`` running :func:`_fold_worker` (no re-import of the caller's
+    ``__main__``, so scripts need no ``if __name__ == "__main__"`` guard), reads the preprocessed
+    cases from a pickle in a hidden folder of the run, uses ``cores // workers`` torch threads
+    (unless the run sets ``threads``), runs :func:`train_fold` and exits if this process dies.
+    Every fold is waited for, then the first failure is raised; finished folds are kept (``--resume``).
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    import femurseg
 
     threads = max(1, (os.cpu_count() or 1) // workers)
+    for stale in run.path.glob(".workers-*"):  # left by a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".workers-", dir=run.path))
+    src = str(Path(femurseg.__file__).resolve().parents[1])  # the children import this very femurseg
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
     results: dict[int, dict[str, Any]] = {}
-    errors: list[tuple[int, BaseException]] = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_fold_process, str(run.path), ds, prepared, k, device, threads, os.getpid()): k
-                   for k in folds}
-        with tqdm(total=len(futures), desc=f"folds ({workers} processes)", unit="fold", disable=not progress) as bar:
-            for fut in as_completed(futures):
-                k = futures[fut]
-                try:
-                    results[k] = fut.result()
-                    if progress:
-                        r = results[k]
-                        tqdm.write(f"fold {k + 1}/{len(folds)}: best epoch {r['best_epoch']} of {r['epochs']}, "
-                                   f"validation Dice {r['best_metric']:.4f}, {r['train_seconds']:.0f} s")
-                except BaseException as exc:  # noqa: BLE001 - raised after every fold has ended
-                    errors.append((k, exc))
-                bar.update()
+    errors: dict[int, str] = {}
+    running: dict[int, tuple[subprocess.Popen, Any]] = {}
+    try:
+        with open(tmp / "cases.pkl", "wb") as fh:
+            pickle.dump((ds, prepared), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        queue = list(folds)
+        code = "import sys; from femurseg.cv import _fold_worker; sys.exit(_fold_worker(sys.argv[1:]))"
+        with tqdm(total=len(folds), desc=f"folds ({workers} processes)", unit="fold", disable=not progress) as bar:
+            while queue or running:
+                while queue and len(running) < workers:
+                    k = queue.pop(0)
+                    err = open(tmp / f"fold_{k}.err", "wb")
+                    args = [str(run.path), str(tmp / "cases.pkl"), str(k), device or "", str(threads), str(os.getpid()),
+                            str(tmp / f"fold_{k}.json")]
+                    running[k] = (subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
+                                                   stderr=err, env=env), err)
+                time.sleep(0.2)
+                for k, (proc, err) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    err.close()
+                    del running[k]
+                    out = tmp / f"fold_{k}.json"
+                    row = json.loads(out.read_text()) if out.exists() else None
+                    if proc.returncode == 0 and row is not None and "error" not in row:
+                        results[k] = row
+                        if progress:
+                            tqdm.write(f"fold {k + 1}/{len(folds)}: best epoch {row['best_epoch']} of {row['epochs']}, "
+                                       f"validation Dice {row['best_metric']:.4f}, {row['train_seconds']:.0f} s")
+                    elif row is not None and "error" in row:
+                        errors[k] = row["error"]
+                    else:
+                        tail = (tmp / f"fold_{k}.err").read_text(errors="replace").strip().splitlines()[-1:]
+                        errors[k] = (f"{run.path}: fold {k} failed in its worker process (exit code {proc.returncode}"
+                                     f"{': ' + tail[0][:200] if tail else ''}); finished folds are kept, "
+                                     "run again with --resume")
+                    bar.update()
+    finally:
+        for proc, err in running.values():  # interrupted: stop the children too
+            proc.kill()
+            proc.wait()
+            err.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     if errors:
-        k, exc = sorted(errors, key=lambda e: e[0])[0]
-        if isinstance(exc, FemursegError):
-            raise exc
-        raise FemursegError(f"{run.path}: fold {k} failed in its worker process ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); finished folds are kept, "
-                            "run again with --resume") from None
+        raise FemursegError(errors[min(errors)])
     return [results[k] for k in folds]
 
 
-def _fold_process(run_dir: str, ds: Dataset, prepared: dict[str, Prepared], k: int, device: str | None,
-                  threads: int, parent: int) -> dict[str, Any]:
-    """Body of one fold process: exit if the parent dies (no orphan keeps writing), then :func:`train_fold`."""
+def _fold_worker(argv: list[str]) -> int:
+    """Child process of :func:`_train_folds_parallel`: ``RUN CASES_PKL FOLD DEVICE THREADS PARENT_PID OUT_JSON``."""
+    import pickle
     import threading
 
-    def watchdog() -> None:
+    run_dir, cases, k, device, threads, parent, out = argv
+    parent_pid = int(parent)
+
+    def watchdog() -> None:  # never outlive the parent: a killed `femurseg cv` leaves no trainer behind
         while True:
-            if os.getppid() != parent:
+            if os.getppid() != parent_pid:
                 os._exit(1)
             time.sleep(1.0)
 
     threading.Thread(target=watchdog, daemon=True).start()
-    torch.set_num_threads(threads)
-    return train_fold(load_run(run_dir), ds, prepared, k, device=device, progress=False)
+    torch.set_num_threads(int(threads))
+    with open(cases, "rb") as fh:
+        ds, prepared = pickle.load(fh)
+    try:
+        row = train_fold(load_run(run_dir), ds, prepared, int(k), device=device or None, progress=False)
+    except FemursegError as exc:
+        write_json(out, {"error": str(exc)})
+        return 1
+    write_json(out, row)
+    return 0
 
 
 def train_spacing(prepared: dict[str, Prepared]) -> list[float]:
