@@ -13,7 +13,10 @@ Peak memory: ``resource.getrusage`` keeps one high-water mark per process, which
 for comparing engines in one process, so :class:`PeakRSS` samples the resident set size from
 ``/proc/self/statm`` in a background thread (every 2 ms) during one call of an engine and
 reports the maximum **minus the RSS just before the call** (memory the call itself needed:
-activations, workspaces, outputs; the weights are already resident).
+activations, workspaces, outputs; the weights are already resident). Importing this module
+makes glibc return freed blocks of 1 MiB or more to the OS at once
+(:func:`return_freed_memory_to_os`); otherwise memory recycled from an earlier call would not
+show up as RSS growth.
 """
 
 from __future__ import annotations
@@ -38,6 +41,26 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap`` (and
+    unmap it on free), so the RSS drops when a tensor is freed and :class:`PeakRSS` sees each
+    call's own peak. By default glibc raises its mmap threshold up to 32 MiB after large frees,
+    so after a warm-up call tensors of a few MiB are recycled inside the heap and a second call
+    shows (almost) no RSS growth. Returns False where this is not glibc (nothing changes)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold))) and bool(libc.mallopt(m_trim_threshold,
+                                                                                           int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+MALLOC_FIXED = return_freed_memory_to_os()
 
 
 # ----------------------------------------------------------------------------- machine
