@@ -228,7 +228,7 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
             "cpu_speedup_vs_monai": common.median(cpu["monai"]) / common.median(cpu[name]),
             "speedup_vs_monai": t_monai / t,
             "speedup_vs_monai_per_round": common.ratio_stats(times, "monai", name)[1],
-            "accel_mode": (name[9:-1] if name.startswith("femurseg[") else _infer_mode(model))
+            "accel_mode": _infer_mode(model, name[9:-1] if name.startswith("femurseg[") else None)
                           if name.startswith("femurseg") else "",
             **machine,
         })
@@ -238,13 +238,14 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
     return {"rows": rows, "times": times, "cpu": cpu}
 
 
-def _infer_mode(model: Any) -> str:
-    """The acceleration mode infer used for this model (if infer applies femurseg.accel)."""
+def _infer_mode(model: Any, requested: str | None) -> str:
+    """The femurseg.accel mode infer actually used for ``requested`` (None: the default mode)."""
     try:
         from femurseg import accel
 
-        hits = accel._CACHE.get(model, {})
-        return ",".join(sorted({h.mode for h in hits.values()})) or "none"
+        want = accel.default_mode() if requested is None else requested
+        used = {h.mode for h in accel._CACHE.get(model, {}).values() if h.requested == want}
+        return ",".join(sorted(used)) or "none"
     except Exception:  # noqa: BLE001 - reporting only
         return "unknown"
 
