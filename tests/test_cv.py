@@ -74,6 +74,9 @@ def test_cv_end_to_end(cv_run, tiny):
     assert len(rows) == 4 and {"case", "fold", "dsc", "asd_mm", "dsc_at_0.5"} <= set(rows[0])
     assert summary["cases"] == 4 and 0 <= summary["mean_dsc"] <= 1
     assert json.loads((out / "summary.json").read_text())["cases"] == 4
+    # seconds per subject for the report's headline: timed while writing the out-of-fold maps
+    assert summary["timings"]["inference_s_per_case"] > 0
+    assert all(f["inference_s_per_case"] > 0 for f in summary["folds"])
 
 
 def test_load_models_and_predict(cv_run, tiny):

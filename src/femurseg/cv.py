@@ -343,6 +343,10 @@ def run_cv(
     summary = finalize_run(run, ds, progress=progress)
     summary["folds"] = fold_results
     summary["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    per_fold = [f["inference_s_per_case"] for f in fold_results if f.get("inference_s_per_case") is not None]
+    summary["timings"] = {"inference_s_per_case": round(float(np.median(per_fold)), 3) if per_fold else None,
+                          "train_s_per_fold": round(float(np.mean([f.get("train_seconds", np.nan) for f in fold_results])), 1)
+                          if fold_results else None}
     write_json(out / "summary.json", summary)
     if dist is not None:
         dist.barrier()
@@ -510,10 +514,12 @@ def train_fold(run: Run, ds: Dataset, prepared: dict[str, Prepared], k: int, *, 
     res: FitResult = fit(model, [prepared[c].sample for c in train_ids], [prepared[c].sample for c in stop_ids],
                          TrainConfig.from_dict(cfgs["train"]), AugmentConfig.from_dict(cfgs["augment"]),
                          run.fold_dir(k), seed=seed, fold=k, device=device, progress=progress, desc=desc, dist=dist)
+    seconds: list[float] = []
     if dist is None or dist.is_main:
-        _write_oof(run, ds, prepared, val_ids, model, device, progress)
+        seconds = _write_oof(run, ds, prepared, val_ids, model, device, progress)
     return {"fold": k, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
-            "epochs": res.epochs, "train_seconds": round(res.seconds, 1)}
+            "epochs": res.epochs, "train_seconds": round(res.seconds, 1),
+            "inference_s_per_case": round(float(np.median(seconds)), 3) if seconds else None}
 
 
 def _create_run_dir(out: Path, config: dict[str, Any], split: Split) -> None:
@@ -554,10 +560,16 @@ def _oof_path(run: Run, case_id: str) -> Path:
 
 
 def _write_oof(run: Run, ds: Dataset, prepared: dict[str, Prepared], case_ids: list[str], model: torch.nn.Module,
-               device: str | None, progress: bool) -> None:
-    """Predict the held-out cases with the fold's best model; write probabilities on the original grid."""
+               device: str | None, progress: bool) -> list[float]:
+    """Predict the held-out cases with the fold's best model; write probabilities on the original grid.
+
+    Returns the wall seconds per newly predicted case (network on the preprocessed volume plus
+    restoring the map to the original grid; file I/O excluded). With parallel fold workers another
+    fold may be training meanwhile, so these are upper bounds for an idle machine.
+    """
+    seconds: list[float] = []
     if not case_ids:
-        return
+        return seconds
     (run.path / "oof").mkdir(exist_ok=True)
     sd = int(getattr(model, "spatial_dims", 3))
     for cid in tqdm(case_ids, desc="predict held-out", unit="case", disable=not progress, leave=False):
@@ -565,12 +577,15 @@ def _write_oof(run: Run, ds: Dataset, prepared: dict[str, Prepared], case_ids: l
         if path.exists():
             continue
         p = prepared[cid]
+        t0 = time.perf_counter()
         prob = predict_prob([model], p.sample.image, batch_size=1 if sd == 3 else 16, device=device)
         if prob.ndim == 4:  # C > 2: store the probability of any foreground class
             prob = 1.0 - prob[0]
         full = restore(prob.astype(np.float32), p.info, order=1)
+        seconds.append(time.perf_counter() - t0)
         like = io.read_image(ds.case(cid).image, dtype=None)
         io.write_like(path, full.astype(np.float32), like)
+    return seconds
 
 
 def finalize_run(run: Run, ds: Dataset | None = None, progress: bool = True) -> dict[str, Any]:
