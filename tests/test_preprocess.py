@@ -174,3 +174,26 @@ def test_augment_is_reproducible_and_keeps_labels_valid():
     torch.testing.assert_close(l2, lab)
     with pytest.raises(FemursegError):
         AugmentConfig(scale=1.5)
+
+
+@pytest.mark.parametrize("dtype,order", [(np.float32, 3), (np.float32, 1), (np.int16, 3), (np.uint8, 0)])
+def test_inplane_zoom_equals_3d_zoom(dtype, order):
+    """The slice-by-slice zoom equals scipy's 3D zoom with factor 1 along the slice axis (up to the
+    3D spline prefilter's rounding) and never mixes slices."""
+    from scipy import ndimage
+
+    from femurseg.data.preprocess import _zoom_inplane
+
+    a = (np.random.default_rng(3).random((48, 37, 29)) * 200).astype(dtype)
+    a[10] = 0
+    ref = ndimage.zoom(a, (1, 24 / 37, 40 / 29), order=order, mode="reflect", grid_mode=True, prefilter=order > 1)
+    out = _zoom_inplane(a, (24, 40), order)
+    assert out.dtype == ref.dtype and out.shape == (48, 24, 40)
+    np.testing.assert_allclose(out.astype(float), ref.astype(float), rtol=0, atol=1 if dtype == np.int16 else 1e-3)
+    assert not out[10].any()
+    b = np.ascontiguousarray(a[:, :36, :28])
+    half = ndimage.zoom(b, (1, 0.5, 0.5), order=order, mode="reflect", grid_mode=True, prefilter=order > 1)
+    np.testing.assert_allclose(_zoom_inplane(b, (18, 14), order).astype(float), half.astype(float), rtol=0,
+                               atol=1 if dtype == np.int16 else 1e-3)
+    four = np.stack([b, b[::-1]])  # (C, D, H, W) probability stacks take the same path
+    assert np.array_equal(_zoom_inplane(four, (18, 14), order)[1], _zoom_inplane(b[::-1], (18, 14), order))
