@@ -31,6 +31,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -486,15 +487,10 @@ def _check_ct_dataset(ds: Any, where: str) -> None:
 
 
 def _write_manifest(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
-    import csv
+    from femurseg.tables import write_csv
 
-    from femurseg.errors import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["image", "label", "case", "group"])
-            w.writerows(rows)
+    cols = ["image", "label", "case", "group"]
+    write_csv([dict(zip(cols, r)) for r in rows], path, cols)
 
 
 def prepare_cascade_data(ds: Any, data_dir: str | Path, *, dilate_mm: float = 1.0, fill_hu: float = -1024.0,
@@ -663,7 +659,6 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     applied to the prediction (each voxel in the region of the nearest reference bone voxel:
     the segmentation error alone, without the region fit's own variability).
     """
-    import csv
     import json as _json
     from pathlib import Path as _P
 
@@ -671,7 +666,6 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
 
     from femurseg import io
     from femurseg.data.dataset import load_checked
-    from femurseg.errors import atomic_path
     from femurseg.measure import measure_femur
     from femurseg.metrics import overlap_metrics, surface_metrics, volume_errors
     from femurseg.postprocess import postprocess
@@ -748,12 +742,7 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     for name, rows in (("cascade_metrics.csv", metric_rows), ("cascade_volumes.csv", volume_rows)):
         if not rows:
             continue
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with atomic_path(run_dir / name) as tmp:
-            with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=keys)
-                w.writeheader()
-                w.writerows(rows)
+        _write_rows(run_dir / name, rows)
     summary: dict[str, Any] = {"task": CASCADE_TASK, "cases": len(metric_rows), "thresholds": {"stage1_pr": thr1, "stage2_pr": thr2}}
     for key in (k for k in (metric_rows[0] if metric_rows else {}) if k not in ("case", "fold", "region_error")):
         v = np.array([r[key] for r in metric_rows], float)
@@ -888,18 +877,10 @@ def cascade_tables(summary: dict[str, Any], regions: str = "own") -> tuple[list[
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
+    from femurseg.tables import write_csv
 
-    from femurseg.errors import atomic_path
-
-    if not rows:
-        return
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    if rows:
+        write_csv(rows, path)
 
 
 def format_cascade_report(summary: dict[str, Any]) -> str:

@@ -31,7 +31,6 @@ Presets: ``"default"`` is tuned so that ``femurseg cv DATASET --out RUN`` on the
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -49,7 +48,8 @@ from femurseg.data.augment import AugmentConfig
 from femurseg.data.dataset import Dataset, load_checked
 from femurseg.data.preprocess import PrepInfo, PreprocessConfig, preprocess_image, preprocess_label, restore
 from femurseg.data.splits import Split, holdout_split, load_split, split_dataset
-from femurseg.errors import FemursegError, atomic_path
+from femurseg.errors import FemursegError
+from femurseg.tables import write_csv
 from femurseg.infer import get_device, input_size_for, is_patch_classifier, predict_prob
 from femurseg.run import (
     CONFIG_NAME,
@@ -299,7 +299,7 @@ def run_cv(
             split = holdout_split(ds, _val_fraction, seed, group_by)
     prep = PreprocessConfig.from_dict(cfgs["preprocess"])
     tcfg = TrainConfig.from_dict(cfgs["train"])
-    aug = AugmentConfig.from_dict(cfgs["augment"])
+    AugmentConfig.from_dict(cfgs["augment"])  # validates the options before anything is written
     num_classes = int(cfgs["model"].get("num_classes", 2))
     if num_classes < max(ds.label_values) + 1:
         raise FemursegError(f"{dataset}: labels {sorted(ds.label_values)} need num_classes >= {max(ds.label_values) + 1}")
@@ -627,11 +627,7 @@ def finalize_run(run: Run, ds: Dataset | None = None, progress: bool = True) -> 
         row.update(evaluate_case(mask, ref, sp, prob=prob))
         row["dsc_at_0.5"] = overlap_metrics(prob >= 0.5, ref)["dsc"]
         rows.append(row)
-    with atomic_path(run.path / "metrics.csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(rows, run.path / "metrics.csv")
     for key in ("dsc", "dsc_at_0.5", "precision", "recall", "asd_mm", "msd_mm"):
         vals = np.array([r[key] for r in rows], dtype=float)
         summary[f"mean_{key}"] = float(np.mean(vals))

@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 
 from femurseg import io
-from femurseg.errors import FemursegError, atomic_path
+from femurseg.tables import write_csv  # noqa: F401  (re-exported: evaluate.write_csv)
+from femurseg.errors import FemursegError
 
 #: Order of the metric columns in the CSV (others follow alphabetically).
 METRIC_ORDER = ("dsc", "precision", "recall", "specificity", "asd_mm", "msd_mm", "hd95_mm", "auc", "ap",
@@ -517,33 +518,6 @@ def volume_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "re_mean_pct": e["re_mean_pct"], "re_min_pct": e["re_min_pct"], "re_max_pct": e["re_max_pct"],
         })
     return out
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, (float, np.floating)):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{float(v):.6g}"
-    return "" if v is None else str(v)
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
-    """Write dict rows as CSV (atomically); floats with 6 significant digits, inf/nan spelled out."""
-    path = Path(path)
-    if columns is None:
-        columns = []
-        for r in rows:
-            for k in r:
-                if k not in columns:
-                    columns.append(k)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([_fmt(r.get(c, "")) for c in columns])
-    return path
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from femurseg.errors import FemursegError, atomic_path
+from femurseg.errors import FemursegError
 from femurseg.regions import REGION_LABELS, REGION_NAMES, distance_mm, split_regions
 
 COLUMNS: tuple[str, ...] = (
@@ -215,22 +215,11 @@ def measure(label: np.ndarray, spacing: tuple[float, float, float], image: np.nd
     return all_rows, fits, rmap
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
-
-
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write measurement rows (keys :data:`COLUMNS`) as CSV atomically; NaN is written empty."""
-    p = Path(path)
-    with atomic_path(p) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(COLUMNS)
-            for r in rows:
-                w.writerow([_fmt(r.get(c, math.nan)) for c in COLUMNS])
-    return p
+    """Write measurement rows (keys :data:`COLUMNS`) as CSV atomically (:func:`femurseg.tables.write_csv`)."""
+    from femurseg.tables import write_csv as _write
+
+    return _write(rows, path, COLUMNS, missing=math.nan)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ atomically; colours are consistent across figures (model ``i`` gets colour ``i``
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
