@@ -10,22 +10,20 @@ Sizes (batch 1, whole volumes as femurseg trains 3D networks by default):
 * ``tiny``: F 4, L 2 on 8 x 16 x 16 (tests only).
 
 Engines, interleaved in one process (``benchmarks/common.py``), each on its own copy of the same
-initial weights:
+initial weights; one timed round = one epoch of ``steps`` optimisation steps (the one training
+volume repeated), and the figure is seconds per step:
 
-* ``femurseg``: one call of :func:`femurseg.train.fit` per step: one training volume, one epoch,
-  no validation, no output folder, default :class:`~femurseg.train.TrainConfig` (loss "wce",
-  Adam, deterministic algorithms on) and default augmentation (random left-right flip). The
-  time covers everything the loop does for a step: seeding, sample selection, batch assembly,
-  augmentation, forward, loss, backward, Adam, and fit's own bookkeeping (optimiser set-up and
-  keeping the best weights), so it is an upper bound for a step inside a long run.
-* ``femurseg-nofill``: the same with ``torch.utils.deterministic.fill_uninitialized_memory = False``.
-  :func:`~femurseg.train.fit` turns on ``torch.use_deterministic_algorithms`` (reproducible runs),
-  which by default also fills every new uninitialised tensor with NaN -- a memory pass per
-  allocation that profiling showed as 23 % of a CPU step (826 ``fill_`` calls instead of 33).
-  The flag only affects reads of uninitialised memory, never results, so turning it off keeps the
-  run reproducible; this row measures what that would save.
+* ``femurseg``: :func:`femurseg.train.fit` for one epoch of ``steps`` samples, no validation, no
+  output folder, default :class:`~femurseg.train.TrainConfig` (float32, loss "wce", Adam,
+  deterministic algorithms on) and default augmentation (random left-right flip). The time
+  covers everything fit does: seeding, sample selection, batch assembly, augmentation, forward,
+  loss, backward, Adam, and its per-call bookkeeping (optimiser set-up, keeping the best weights)
+  spread over the epoch's steps.
+* ``femurseg-preset``: the same with the ``default`` preset's training settings (what ``femurseg
+  cv`` runs at demo scale: Dice + weighted CE, bfloat16 autocast on the CPU). Different
+  arithmetic from ``plain`` (bfloat16), listed because it is what a user's demo-scale run costs.
 * ``plain``: the textbook loop on the same model and loss, tensors prepared beforehand:
-  ``zero_grad; loss_fn(model(x), y).backward(); opt.step()`` with the same Adam settings.
+  ``zero_grad; loss_fn(model(x), y).backward(); opt.step()`` with the same Adam settings, float32.
 
 Peak memory: RSS above the level before the step, sampled during the first timed round (see
 ``common.PeakRSS``). Wall and CPU seconds are both reported (the machine is shared).
@@ -74,30 +72,39 @@ def make_sample(size: str):
 
 
 def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=common.say,
-        nofill: bool = True) -> dict[str, Any]:
-    """Run the benchmark; ``threads`` None: 2 (1 for ``tiny``). Returns ``{"rows": [...], "times": {...}}``."""
+        preset: bool = True, steps: int | None = None) -> dict[str, Any]:
+    """Run the benchmark; ``threads`` None: 2 (1 for ``tiny``); ``steps`` per timed round (None: 4,
+    1 at paper size); ``preset``: include the ``femurseg-preset`` row. Returns ``{"rows", "times"}``."""
     import copy
 
     import torch
 
     from femurseg import train as T
+    from femurseg.cv import PRESETS
     from femurseg.data.augment import AugmentConfig
     from femurseg.losses import get_loss
     from femurseg.models import build_model
 
     torch.set_num_threads(common.default_threads(size) if threads is None else threads)
+    steps = steps or (1 if size == "paper" else 4)
     cfg_model = CONFIGS[size]
     sample = make_sample(size)
     torch.manual_seed(0)
     model_f = build_model(dict(cfg_model))
     model_p = copy.deepcopy(model_f)
+    model_s = copy.deepcopy(model_f)
     tcfg = T.TrainConfig(max_epochs=1, min_epochs=0, threads=None)
+    pcfg = T.TrainConfig.from_dict({**PRESETS["default"]["train"], "max_epochs": 1, "min_epochs": 0, "threads": None})
     aug = AugmentConfig()
-    log(f"training[{size}]: input {sample.image.shape}, model {cfg_model}, loss {tcfg.loss}, lr {tcfg.lr}")
+    log(f"training[{size}]: input {sample.image.shape}, model {cfg_model}, loss {tcfg.loss}, lr {tcfg.lr}, "
+        f"{steps} step(s) per round")
+    epoch = [sample] * steps
 
     def femurseg_step() -> float:
-        res = T.fit(model_f, [sample], [], tcfg, aug, None, progress=False)
-        return res.history[-1]["train_loss"]
+        return T.fit(model_f, epoch, [], tcfg, aug, None, progress=False).history[-1]["train_loss"]
+
+    def preset_step() -> float:
+        return T.fit(model_s, epoch, [], pcfg, aug, None, progress=False).history[-1]["train_loss"]
 
     loss_fn = get_loss(tcfg.loss)
     model_p.train()
@@ -106,33 +113,21 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
     y = torch.from_numpy(sample.label)[None].long()
 
     def plain_step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model_p(x), y)
-        loss.backward()
-        opt.step()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model_p(x), y)
+            loss.backward()
+            opt.step()
         return float(loss.detach())
 
-    def femurseg_nofill_step() -> float:
-        """fit with torch.utils.deterministic.fill_uninitialized_memory off (see the module docstring)."""
-        import torch.utils.deterministic as det
-
-        prev = det.fill_uninitialized_memory
-        det.fill_uninitialized_memory = False
-        try:
-            return femurseg_step_on(model_n)
-        finally:
-            det.fill_uninitialized_memory = prev
-
-    def femurseg_step_on(m) -> float:
-        return T.fit(m, [sample], [], tcfg, aug, None, progress=False).history[-1]["train_loss"]
-
-    model_n = copy.deepcopy(model_f)
-    engines = {"femurseg": femurseg_step, "femurseg-nofill": femurseg_nofill_step, "plain": plain_step}
-    if not nofill:
-        del engines["femurseg-nofill"]
+    engines = {"femurseg": femurseg_step, "femurseg-preset": preset_step, "plain": plain_step}
+    if not preset:
+        del engines["femurseg-preset"]
     mem: dict[str, tuple[float, float]] = {}
     cpu: dict[str, list[float]] = {}
     times = common.interleaved(engines, repeats, warmup=1, log=log, peak_mb=mem, cpu=cpu)
+    times = {k: [t / steps for t in v] for k, v in times.items()}
+    cpu = {k: [t / steps for t in v] for k, v in cpu.items()}
     machine = common.machine_info()
     t_plain = common.median(times["plain"])
     rows = []
@@ -144,6 +139,8 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
             "model": f"unet3d F{cfg_model['features']} L{cfg_model['levels']}"
                      + (f" dil {','.join(map(str, cfg_model['dilations']))}" if cfg_model.get("dilations") else ""),
             "engine": name,
+            "precision": "bf16 autocast" if name == "femurseg-preset" else "fp32",
+            "steps_per_round": steps,
             "seconds_per_step_median": t,
             "seconds_min": min(times[name]),
             "repeats": repeats,

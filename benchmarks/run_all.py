@@ -74,7 +74,7 @@ def _steps(quick: bool) -> list[tuple[str, Callable[[Path], Any]]]:
 
     def training_paper(out: Path) -> None:
         # a paper-size step takes ~30 s on the idle machine: 1 warm-up + 2 timed steps per engine
-        common.write_csv(bench_training.run("paper", 2, nofill=False)["rows"], out / "training_paper.csv")
+        common.write_csv(bench_training.run("paper", 2, preset=False)["rows"], out / "training_paper.csv")
 
     def ceiling(out: Path) -> None:
         # the network-only engines of the inference benchmark (same input): from this run, or from
@@ -195,9 +195,12 @@ def write_summary(out: Path, started: str = "", elapsed_s: float | None = None) 
     ft = _by(tr_d, "femurseg")
     if ft:
         ratio = float(ft["plain_over_engine"])
-        L.append(f"| demo training step no slower than a plain PyTorch loop | plain / femurseg = {_f(ratio)} wall "
+        fpre = _by(tr_d, "femurseg-preset")
+        pre = (f"; default preset (bf16 autocast): plain / femurseg = {_f(fpre['plain_over_engine'])} wall"
+               if fpre else "")
+        L.append(f"| demo training step no slower than a plain PyTorch loop | float32: plain / femurseg = {_f(ratio)} wall "
                  f"(per-round median {_f(ft.get('plain_over_engine_per_round'))}), "
-                 f"{_f(ft.get('cpu_plain_over_engine'))} CPU time "
+                 f"{_f(ft.get('cpu_plain_over_engine'))} CPU time{pre} "
                  f"| {_status(ratio >= 0.95 * TARGETS['training_ratio'])} (5 % noise allowance) |")
     if met:
         res = _metrics_summary(met)
@@ -215,11 +218,14 @@ def write_summary(out: Path, started: str = "", elapsed_s: float | None = None) 
         L += _inference_table(inf_d) + [""]
     if tr_d or tr_p:
         L += ["## 3. Training step (batch 1, whole volume)", "",
-              "| model | input | engine | s / step (median) | plain / engine | CPU-s / step | plain / engine, CPU time "
-              "| peak MiB above baseline |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+              "Seconds per step inside one `fit` epoch of several steps (`femurseg`: float32 like `plain`; "
+              "`femurseg-preset`: the default preset's bfloat16 autocast, what `femurseg cv` runs at demo scale).", "",
+              "| model | input | engine | precision | s / step (median) | plain / engine | CPU-s / step "
+              "| plain / engine, CPU time | peak MiB above baseline |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for r in tr_d + tr_p:
-            L.append(f"| {r['model']} | {r['input']} | {r['engine']} | {_f(r['seconds_per_step_median'])} | "
+            L.append(f"| {r['model']} | {r['input']} | {r['engine']} | {r.get('precision', 'fp32')} | "
+                     f"{_f(r['seconds_per_step_median'])} | "
                      f"{_f(r['plain_over_engine'])} | {_f(r.get('cpu_seconds_median'), '.1f')} | "
                      f"{_f(r.get('cpu_plain_over_engine'))} | {_f(r['peak_mem_mb'], '.0f')} |")
         L.append("")

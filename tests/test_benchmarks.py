@@ -54,7 +54,7 @@ def test_inference_rows(results):
 
 def test_training_rows(results):
     rows = common.read_csv(results / "training_demo.csv")
-    assert [r["engine"] for r in rows] == ["femurseg", "femurseg-nofill", "plain"]
+    assert [r["engine"] for r in rows] == ["femurseg", "femurseg-preset", "plain"]
     assert all(float(r["seconds_per_step_median"]) > 0 for r in rows)
 
 

@@ -530,11 +530,16 @@ def fit(
         elapsed = float(ck.get("seconds", 0.0))
         _write_log(out, history)
     prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
     if cfg.deterministic:
         if dev.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN (a debugging aid against reads of
+        # uninitialised memory): ~800 extra memory passes, ~20 % of a CPU step (profiled); results
+        # do not depend on it.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         epoch = start_epoch - 1
         for epoch in range(start_epoch, cfg.max_epochs + 1):
@@ -605,6 +610,7 @@ def fit(
                 dist.barrier()  # rank 0's checkpoints are complete before any rank reads them
     finally:
         torch.use_deterministic_algorithms(prev_det)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
         torch.set_num_threads(prev_threads)
     # Leave the best weights in the model.
     if out is not None and (out / "best.pt").exists():
