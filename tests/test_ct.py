@@ -166,6 +166,15 @@ def test_cascade_cv_and_predict_end_to_end(tmp_path):
               "cascade_volumes.csv", "cascade_summary.json"):
         assert (run / f).exists(), f
     assert len(list((run / "oof_labels").glob("*.nii.gz"))) == 4
+    # `femurseg evaluate --run` reads the cascade's label maps: per-compartment rows, same numbers
+    from femurseg.evaluate import evaluate_command
+
+    rows, _ = evaluate_command(tmp_path / "ev.csv", run=run, progress=False)
+    assert len(rows) == 4 and (tmp_path / "ev.csv").exists()
+    mean_dsc = np.mean([r["periosteal_dsc"] for r in rows])
+    assert mean_dsc == pytest.approx(summary["mean_periosteal_dsc"], abs=1e-6)
+    with pytest.raises(FemursegError, match="do not apply"):
+        evaluate_command(tmp_path / "ev2.csv", run=run, threshold=0.5, progress=False)
     pred = load_predictor(run, device="cpu")
     assert pred.task == "cascade"
     case = ds.cases[0]

@@ -416,8 +416,8 @@ def evaluate_run(
         check_same_grid(prob, ppath, ref, refs[case])
         multi = is_multilabel(ref.data, labels if isinstance(labels, Mapping) else None)
         if multi:
-            raise FemursegError(f"{rdir}: evaluating CT (multi-label) cross-validation runs is not supported yet; "
-                                f"predict masks and use `femurseg evaluate --pred`")
+            raise FemursegError(f"{rdir}: a multi-label (CT) run: evaluate it with `femurseg evaluate --run` on the "
+                                "cascade run folder, or predict label maps and use `femurseg evaluate --pred`")
         mask = pp.postprocess(binarize(prob.data, thr), mode, ref.spacing)
         row: dict[str, Any] = {"case": case, "fold": fold_of.get(case, "")}
         row.update(evaluate_arrays(mask, ref.data, ref.spacing, prob.data, multilabel=False))
@@ -614,5 +614,25 @@ def evaluate_command(
                 thr = float(threshold)
             except ValueError:
                 thr = threshold
-        rows = evaluate_run(run, gt, threshold=thr, postprocess=postprocess, progress=progress, notify=notify).rows
+        if is_cascade_run(run):
+            if threshold is not None or postprocess is not None:
+                raise FemursegError(f"{run}: a CT cascade run's label maps are final (its stage thresholds were chosen "
+                                    "during cv); --threshold and --postprocess do not apply")
+            rdir = Path(run)
+            _, ref_path = run_reference(rdir, json.loads((rdir / "config.json").read_text()), gt)
+            if not (rdir / "oof_labels").is_dir():
+                raise FemursegError(f"{rdir}: no oof_labels/ (the cascade's out-of-fold label maps); run "
+                                    "`femurseg cv --task cascade ... --resume` to finish it")
+            rows = evaluate_folders(rdir / "oof_labels", ref_path, progress=progress, notify=notify)
+        else:
+            rows = evaluate_run(run, gt, threshold=thr, postprocess=postprocess, progress=progress, notify=notify).rows
     return rows, write_results(rows, outp)
+
+
+def is_cascade_run(run_dir: str | os.PathLike) -> bool:
+    """True for a CT cascade run folder (``femurseg cv --task cascade``)."""
+    p = Path(run_dir) / "config.json"
+    try:
+        return p.exists() and json.loads(p.read_text()).get("task") == "cascade"
+    except (OSError, json.JSONDecodeError):
+        return False
