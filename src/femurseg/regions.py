@@ -37,10 +37,18 @@ The rule
 
    * head / neck: the **head-neck junction** ``t_hn = sqrt(r_head^2 - r_waist^2)``, where a
      cylinder of the waist's equivalent radius would leave the fitted sphere;
-   * neck / trochanter: the **base of the neck** ``t_nb``, the first section beyond the
-     waist whose (axis-connected) area reaches ``neck_flare`` (1.5) times the waist area, but no farther than
-     where the neck axis enters the shaft cylinder (``t_X - r_shaft / sin(NSA)``, ``t_X`` the
-     neck/shaft axes' crossing) and at least 5 mm past the junction.
+   * neck / trochanter: the **base of the neck** ``t_nb = t_hn + 0.35 r_head`` (``neck_length``),
+     but no farther than where the neck axis enters the shaft cylinder (``t_X - r_shaft /
+     sin(NSA)``, ``t_X`` the neck/shaft axes' crossing) and at least 5 mm past the junction.
+     Why a fixed length and not the anatomical flare (the first section beyond the waist whose
+     area reaches ``neck_flare`` = 1.5 times the waist's, still available with
+     ``neck_length=None``): the section area rises slowly there, so the flare point moved by up to
+     3.3 mm between a reference and a predicted mask of the same CT femur that agreed at DSC
+     0.98, i.e. +-30 % of the neck's volume, while ``r_head`` and ``t_hn`` moved by < 0.5 mm
+     (16 CT phantoms, ``femurseg experiment ct``: neck volume relative error 10.4 % with the
+     flare, 3.4 % with the fixed length, see :data:`NECK_LENGTH`). Like DXA's fixed-width neck
+     box, a fixed length compares two segmentations of one femur; it is not an anatomical
+     landmark.
 
    Head = mask with ``t < t_hn`` connected to the head centre; neck = mask with
    ``t_hn <= t < t_nb`` in the slab components that reach within half a waist radius of the
@@ -335,6 +343,14 @@ def _sections(mf: np.ndarray, sp: np.ndarray, c: np.ndarray, n: np.ndarray, ts: 
     return areas, centres
 
 
+NECK_LENGTH = 0.35
+"""Default neck-region length in head radii (``fit_femur(neck_length=...)``): 7.7 mm for a 22 mm
+head. Chosen for stability on the 16 default CT phantoms (reference vs cascade masks): at 0.5 the
+cap where the neck axis enters the shaft cylinder (which moves with the shaft-axis fit) bound in
+most femurs and the neck volume error was 6.8 % (max 29 %); at 0.35 it is 3.4 % (max 11 %). The
+flare-based neck length of those phantoms has median 0.53 head radii (0.21-0.94)."""
+
+
 def _waist(ts: np.ndarray, areas: np.ndarray, t_lo: float, t_hi: float, flare: float) -> tuple[int | None, int]:
     """Index of the narrowest section before the neck flares, and of the flare.
 
@@ -370,14 +386,17 @@ def _no_head(why: str) -> FemursegError:
 
 
 def fit_femur(mask: np.ndarray, spacing: tuple[float, float, float], *, shaft_fraction: float = 0.3,
-              neck_flare: float = 1.5) -> FemurFit:
+              neck_flare: float = 1.5, neck_length: float | None = NECK_LENGTH) -> FemurFit:
     """Fit the head sphere, neck and shaft axes of a proximal femur mask (rule: module docstring).
 
     Args:
         mask: canonical ``(n_coronal, rows, cols)`` array; non-zero = inside the periosteal surface.
         spacing: mm per canonical axis.
         shaft_fraction: distal fraction of the superior-inferior extent used for the shaft axis.
-        neck_flare: area ratio (to the waist) that marks the base of the neck.
+        neck_flare: area ratio (to the waist) that ends the search for the neck waist (and, with
+            ``neck_length=None``, marks the base of the neck).
+        neck_length: length of the neck region along the neck axis in head radii (from the
+            head-neck junction); None: cut at the flare instead (anatomical, but unstable).
 
     Raises:
         FemursegError: empty mask, or no femoral head (e.g. a cylinder or a ball).
@@ -468,7 +487,8 @@ def fit_femur(mask: np.ndarray, spacing: tuple[float, float, float], *, shaft_fr
     crossing = 0.5 * ((c + sN * n_out) + (s_point + uS * s_dir))
     sin_nsa = max(np.sqrt(max(1 - cos_nsa**2, 0.0)), 0.2)
     t_entry = sN - s_rad / sin_nsa
-    t_nb = max(min(t_flare, t_entry), t_hn + 5.0)
+    t_base = t_flare if neck_length is None else t_hn + float(neck_length) * r
+    t_nb = max(min(t_base, t_entry), t_hn + 5.0)
     side = "left" if neck_axis[2] < 0 else "right"  # a left femur's head points to the patient's right (col 0)
     return FemurFit(
         head_centre_mm=c, head_radius_mm=r, neck_axis=neck_axis, shaft_axis=s_dir, shaft_point_mm=s_point,
