@@ -25,7 +25,6 @@ import argparse
 import csv
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings

@@ -99,7 +99,7 @@ def _warm_up(ray: Any, n: int) -> None:
     @ray.remote(num_cpus=1)
     def warm() -> int:
         import femurseg.cv  # noqa: F401
-        import torch
+        import torch  # noqa: F401  (warm the import in the worker)
 
         time.sleep(0.5)
         return os.getpid()

@@ -33,7 +33,6 @@ Writes ``training_<size>.csv``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any

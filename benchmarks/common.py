@@ -75,13 +75,9 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from femurseg.run import cpu_model as from_cpuinfo
+
+    return from_cpuinfo()
 
 
 def cpu_flags() -> set[str]:

@@ -171,7 +171,7 @@ def write_summary(out: Path, started: str = "", elapsed_s: float | None = None) 
 
     # targets
     L += ["## Targets", "", "| target | measured | status |", "|---|---|---|"]
-    fp, mo, pl = _by(inf_p, "femurseg"), _by(inf_p, "monai"), _by(inf_p, "plain")
+    fp = _by(inf_p, "femurseg")
     if fp:
         dice_ok = float(fp["dice_vs_plain_fp32"]) >= TARGETS["dice"]
         L.append(f"| paper-size inference >= {TARGETS['inference_vs_monai']}x faster than MONAI sliding window "
