@@ -383,8 +383,9 @@ def split_sides(mask: np.ndarray, spacing: Sequence[float] | None = None, min_fr
 #     RUN/config.json            format femurseg-run, task "cascade", k, the cascade options
 #     RUN/split.json             the folds (both stages use them)
 #     RUN/data/stage1.csv        manifest: original images, label > 0 (periosteal, whole bone)
-#     RUN/data/stage2.csv        manifest: images masked with the reference periosteal region
-#                                (dilated by dilate_mm), label == 1 (endosteal)
+#     RUN/data/stage2_oof.csv    manifest: images masked with stage 1's out-of-fold periosteal masks
+#                                (stage2_mask "oof"; stage2.csv with the reference's: "reference"),
+#                                dilated by dilate_mm; label == 1 (endosteal)
 #     RUN/stage1/, RUN/stage2/   the two cv runs (fold models, out-of-fold maps, thresholds)
 #     RUN/oof_labels/<case>.nii.gz     cascade out-of-fold label maps (0/1/2) on the input grid
 #     RUN/cascade_metrics.csv    per case: DSC, ASD, sensitivity, specificity per compartment
@@ -493,20 +494,19 @@ def _write_manifest(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
     write_csv([dict(zip(cols, r)) for r in rows], path, cols)
 
 
-def prepare_cascade_data(ds: Any, data_dir: str | Path, *, dilate_mm: float = 1.0, fill_hu: float = -1024.0,
-                         progress: bool = True, stage1_run: str | Path | None = None) -> tuple[Path, Path]:
-    """Write the two stages' datasets (manifests + derived files) into ``data_dir``.
+def prepare_cascade_data(ds: Any, data_dir: str | Path, stage: int, *, dilate_mm: float = 1.0,
+                         fill_hu: float = -1024.0, progress: bool = True, stage1_run: str | Path | None = None) -> Path:
+    """Write one stage's dataset (manifest + derived files) into ``data_dir``; returns the manifest.
 
-    Stage 1: the original images with ``label > 0``. Stage 2: ``label == 1`` and the images masked
-    (:func:`stage2_input`, region dilated by ``dilate_mm``) with
+    Stage 1 (``stage1.csv``): the original images with ``label > 0``. Stage 2: ``label == 1`` and
+    the images masked (:func:`stage2_input`, region dilated by ``dilate_mm``) with
 
-    * ``stage1_run`` None: the **reference** periosteal region (``stage2_images/``);
+    * ``stage1_run`` None: the **reference** periosteal region (``stage2_images/``, ``stage2.csv``);
     * ``stage1_run`` a finished stage-1 cv run: each case's stage-1 **out-of-fold** periosteal
-      mask (:func:`stage1_mask`; ``stage2_images_oof/``), i.e. the input the cascade gives stage 2
-      at test time.
+      mask (:func:`stage1_mask`; ``stage2_images_oof/``, ``stage2_oof.csv``), i.e. the input the
+      cascade gives stage 2 at test time.
 
-    Existing files are kept (resume). Returns the two manifest paths (``stage2.csv`` or
-    ``stage2_oof.csv``).
+    Existing files are kept (resume).
     """
     from pathlib import Path as _P
 
@@ -514,30 +514,33 @@ def prepare_cascade_data(ds: Any, data_dir: str | Path, *, dilate_mm: float = 1.
 
     from femurseg import io
 
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
     d = _P(data_dir)
-    sub2 = "stage2_images" if stage1_run is None else "stage2_images_oof"
-    for sub in ("stage1_labels", "stage2_labels", sub2):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    thr1 = None if stage1_run is None else _stage_threshold(_P(stage1_run))
-    rows1, rows2 = [], []
-    for case in tqdm(ds.cases, desc="cascade data", unit="case", disable=not progress, leave=False):
+    oof = stage == 2 and stage1_run is not None
+    lab_dir = d / ("stage1_labels" if stage == 1 else "stage2_labels")
+    img_dir = None if stage == 1 else d / ("stage2_images_oof" if oof else "stage2_images")
+    for sub in (lab_dir, img_dir):
+        if sub is not None:
+            sub.mkdir(parents=True, exist_ok=True)
+    thr1 = _stage_threshold(_P(stage1_run)) if oof else None
+    rows = []
+    for case in tqdm(ds.cases, desc=f"cascade data, stage {stage}", unit="case", disable=not progress, leave=False):
         cid = case.case_id
-        l1, l2, i2 = d / "stage1_labels" / f"{cid}.nii.gz", d / "stage2_labels" / f"{cid}.nii.gz", d / sub2 / f"{cid}.nii.gz"
-        if not (l1.exists() and l2.exists() and i2.exists()):
-            img = io.read_image(case.image)
+        lab_path = lab_dir / f"{cid}.nii.gz"
+        img_path = _P(case.image) if img_dir is None else img_dir / f"{cid}.nii.gz"
+        if not (lab_path.exists() and img_path.exists()):
             lab = io.read_image(case.label, dtype=None)
             ref = np.asarray(lab.data)
-            io.write_like(l1, (ref > 0).astype(np.uint8), lab)
-            io.write_like(l2, (ref == 1).astype(np.uint8), lab)
-            region = ref > 0 if stage1_run is None else stage1_mask(stage1_run, cid, thr1, img.spacing)
-            io.write_like(i2, stage2_input(img.data, region, img.spacing, dilate_mm, fill_hu), img, np.float32)
-        group = case.group or ""
-        rows1.append((str(_P(case.image).resolve()), str(l1.resolve()), cid, group))
-        rows2.append((str(i2.resolve()), str(l2.resolve()), cid, group))
-    m1, m2 = d / "stage1.csv", d / ("stage2.csv" if stage1_run is None else "stage2_oof.csv")
-    _write_manifest(m1, rows1)
-    _write_manifest(m2, rows2)
-    return m1, m2
+            io.write_like(lab_path, (ref > 0 if stage == 1 else ref == 1).astype(np.uint8), lab)
+            if img_dir is not None:
+                img = io.read_image(case.image)
+                region = stage1_mask(stage1_run, cid, thr1, img.spacing) if oof else ref > 0
+                io.write_like(img_path, stage2_input(img.data, region, img.spacing, dilate_mm, fill_hu), img, np.float32)
+        rows.append((str(img_path.resolve()), str(lab_path.resolve()), cid, case.group or ""))
+    manifest = d / ("stage1.csv" if stage == 1 else ("stage2_oof.csv" if oof else "stage2.csv"))
+    _write_manifest(manifest, rows)
+    return manifest
 
 
 def stage1_mask(stage1_run: str | Path, case_id: str, threshold: float, spacing: Sequence[float]) -> np.ndarray:
@@ -658,13 +661,13 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
             "device": str(device or "auto"), "environment": environment(), "created": now_iso(),
         }
         write_json(out / CONFIG_NAME, config)
-    m1, m2 = prepare_cascade_data(ds, out / "data", dilate_mm=dilate_mm, fill_hu=fill_hu, progress=progress)
     common = dict(model_cfg=cfgs["model"], prep_cfg=cfgs["preprocess"], train_cfg=cfgs["train"], aug_cfg=cfgs["augment"],
                   seed=seed, split_file=out / "split.json", device=device, progress=progress)
+    m1 = prepare_cascade_data(ds, out / "data", 1, progress=progress)
     run_cv(m1, out / "stage1", resume=(out / "stage1").exists(), **common)
-    if stage2_mask == "oof":  # stage 2's inputs need stage 1's out-of-fold masks
-        _, m2 = prepare_cascade_data(ds, out / "data", dilate_mm=dilate_mm, fill_hu=fill_hu, progress=progress,
-                                     stage1_run=out / "stage1")
+    # stage 2's inputs: masked with stage 1's out-of-fold masks ("oof", needs stage 1 first) or the reference
+    m2 = prepare_cascade_data(ds, out / "data", 2, dilate_mm=dilate_mm, fill_hu=fill_hu, progress=progress,
+                              stage1_run=out / "stage1" if stage2_mask == "oof" else None)
     run_cv(m2, out / "stage2", resume=(out / "stage2").exists(), **common)
     if not evaluate:
         return config
