@@ -199,3 +199,33 @@ def test_cascade_tables_follow_003_tables_1_and_2():
     text = ct.format_cascade_report(summary)
     assert "Table 1" in text and "Table 2" in text and "Femur head" in text
     assert "vnet" in ct.describe_cascade("demo")
+
+
+def test_stage2_data_masked_with_stage1_out_of_fold_masks(tmp_path):
+    """stage2_mask='oof': stage 2's images are masked with stage 1's out-of-fold masks (here a
+    perfect stage 1 with a stray blob the largest-component step removes)."""
+    import json
+
+    from femurseg import io
+    from femurseg.data.synth import synthesize
+
+    ds = synthesize(tmp_path / "ds", n=2, modality="ct", seed=2, shape=(24, 48, 48), spacing=(2.0, 2.5, 2.5),
+                    progress=False)
+    s1 = tmp_path / "stage1"
+    (s1 / "oof").mkdir(parents=True)
+    (s1 / "thresholds.json").write_text(json.dumps({"pr": 0.5}))
+    for case in ds.cases:
+        lab = io.read_image(case.label, dtype=None)
+        prob = (np.asarray(lab.data) > 0).astype(np.float32)
+        prob[0, :2, :2] = 1.0  # a blob away from the femur: not part of the stage-1 mask
+        io.write_like(s1 / "oof" / f"{case.case_id}.nii.gz", prob, lab, np.float32)
+    m_ref = ct.prepare_cascade_data(ds, tmp_path / "data", 2, progress=False)
+    m_oof = ct.prepare_cascade_data(ds, tmp_path / "data", 2, progress=False, stage1_run=s1)
+    assert m_ref.name == "stage2.csv" and m_oof.name == "stage2_oof.csv"
+    for case in ds.cases:
+        a = io.read_image(tmp_path / "data" / "stage2_images" / f"{case.case_id}.nii.gz").data
+        b = io.read_image(tmp_path / "data" / "stage2_images_oof" / f"{case.case_id}.nii.gz").data
+        np.testing.assert_array_equal(a, b)  # perfect stage 1: the same input as the reference mask
+        assert b[0, 0, 0] == -1024.0
+    with pytest.raises(FemursegError, match="stage2_mask"):
+        ct.run_cascade_cv(ds.root, tmp_path / "run", stage2_mask="predicted", progress=False)
