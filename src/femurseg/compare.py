@@ -447,7 +447,7 @@ def run_compare(
         :func:`headline` numbers plus ``report`` (path of report.html), ``cases`` (compared case
         ids) and ``files`` (every file written, relative to ``out``).
     """
-    from femurseg.evaluate import write_csv
+    from femurseg.tables import write_csv
     from femurseg.report import figures
     from femurseg.report import html as H
     from femurseg.stats import bland_altman

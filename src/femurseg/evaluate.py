@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from femurseg import io
-from femurseg.tables import write_csv  # noqa: F401  (re-exported: evaluate.write_csv)
 from femurseg.errors import FemursegError
+from femurseg.tables import write_csv
 
 #: Order of the metric columns in the CSV (others follow alphabetically).
 METRIC_ORDER = ("dsc", "precision", "recall", "specificity", "asd_mm", "msd_mm", "hd95_mm", "auc", "ap",

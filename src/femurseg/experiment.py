@@ -228,7 +228,7 @@ def run_experiment(
     from femurseg.data.dataset import load_checked
     from femurseg.data.splits import load_split, split_dataset
     from femurseg.distributed import resolve_backend, run_jobs
-    from femurseg.evaluate import write_csv
+    from femurseg.tables import write_csv
 
     say: Notify = notify or (lambda m: print(f"femurseg: {m}", file=sys.stderr))
     backend = resolve_backend(backend) or "local"  # fails now if Ray is asked for but missing
