@@ -19,12 +19,12 @@ Engines, timed interleaved in one process (see ``benchmarks/common.py``):
 
 * ``femurseg``: the whole predict path of :mod:`femurseg.predict` on the in-memory scan --
   preprocess, :func:`femurseg.infer.predict_prob` (whatever acceleration infer applies by
-  default), restore to the original grid, threshold 0.5, largest connected component
+  default: ``"mixed"`` bfloat16/float32 on CPUs with native bfloat16, else float32 ``"fused"``), restore to the original grid, threshold 0.5, largest connected component
   (:func:`femurseg.predict.predict_probability` + :func:`femurseg.predict.segment`).
 * ``femurseg-network``: :func:`femurseg.infer.predict_prob` on the preprocessed volume (the
   network part of the path, with its softmax), to compare like with like.
-* ``femurseg[MODE]`` (``opt_in``; ``run_all`` uses ``bf16``): the whole path with
-  ``FEMURSEG_ACCEL=MODE``, an opt-in :mod:`femurseg.accel` mode.
+* ``femurseg[MODE]`` (``opt_in``; ``run_all`` uses ``fused``, the float32-exact path, and
+  ``bf16``, all-bfloat16): the whole path with ``FEMURSEG_ACCEL=MODE``.
 * ``monai``: the same network on the same preprocessed volume through
   ``monai.inferers.sliding_window_inference`` with MONAI's defaults (``sw_batch_size=1``,
   ``overlap=0.25``, ``mode="constant"``) and ``roi_size`` = the whole preprocessed volume, which
@@ -58,7 +58,7 @@ import common  # noqa: E402
 
 MODEL = {"name": "unet3d", "features": 32, "levels": 4, "dilations": [1, 2, 4, 8]}
 TINY_MODEL = {"name": "unet3d", "features": 4, "levels": 2, "dilations": [1, 2]}
-LEVERS = ("channels-last", "fused", "compile", "onnx", "bf16", "compile-bf16")
+LEVERS = ("channels-last", "fused", "mixed", "compile", "onnx", "bf16", "compile-bf16")
 COVERS = {
     "femurseg": "whole predict path: preprocess, network, restore, threshold, largest component",
     "femurseg-network": "network only: femurseg.infer.predict_prob (softmax included)",
@@ -209,7 +209,7 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
         rows.append({
             **base,
             "engine": name,
-            "covers": COVERS.get(name, f"whole predict path, FEMURSEG_ACCEL={name[9:-1]} (opt-in)"
+            "covers": COVERS.get(name, f"whole predict path, FEMURSEG_ACCEL={name[9:-1]}"
                                  if name.startswith("femurseg[") else "network only (femurseg.accel mode)"),
             "seconds_median": t,
             "seconds_min": min(times[name]),

@@ -26,7 +26,7 @@ def net_and_input():
     return model, x, ref
 
 
-@pytest.mark.parametrize("mode", ["none", "channels-last", "fused", "auto", "onnx"])
+@pytest.mark.parametrize("mode", ["none", "channels-last", "fused", "onnx"])
 def test_float32_modes_match_the_model(net_and_input, mode):
     model, x, ref = net_and_input
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -47,6 +47,51 @@ def test_bf16_mode_is_close_and_opt_in(net_and_input):
     assert y.dtype == torch.float32
     assert (y - ref).abs().max() < 0.1
     assert accel.resolve_mode("auto", "cpu") not in ("bf16", "compile-bf16")
+
+
+def test_auto_is_mixed_with_native_bf16_else_fused(net_and_input):
+    model, x, ref = net_and_input
+    expected = "mixed" if accel.bf16_supported() else "fused"
+    assert accel.resolve_mode("auto", "cpu") == expected
+    fwd = accel.optimise_for_inference(model, tuple(x.shape), "cpu", "auto")
+    assert fwd.mode == expected and fwd.requested == "auto"
+    y = fwd(x)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert (y - ref).abs().max() < 0.05
+
+
+def test_final_stage_convs_are_the_last_full_resolution_block_and_head():
+    for cfg, shape in (({"name": "unet3d", "features": 4, "levels": 2, "dilations": [1, 2]}, (1, 1, 8, 20, 20)),
+                       ({"name": "vnet", "features": 4, "levels": 2}, (1, 1, 8, 16, 16)),
+                       ({"name": "unet2d", "features": 4, "levels": 2}, (2, 3, 16, 16))):
+        model = build_model(cfg).eval()
+        names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, accel._CONVS)}
+        keep = [names[i] for i in accel.final_stage_convs(model, shape)]
+        assert "head" in keep[0] or keep[0] == list(names.values())[-1], (cfg["name"], keep)
+        # the kept convolutions are the tail of the forward order, all at full resolution, and
+        # never the up-sampling into that stage (its input is coarser)
+        assert 2 <= len(keep) < len(names), (cfg["name"], keep)
+        assert not any(isinstance(dict(model.named_modules())[n], (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d))
+                       for n in keep), keep
+        # the weights of the model are untouched (the trace runs on a meta copy)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.skipif(not accel.bf16_supported(), reason="no native bfloat16 on this CPU")
+def test_mixed_keeps_the_final_stage_in_float32_and_is_closer_than_bf16(net_and_input):
+    model, x, ref = net_and_input
+    mixed = accel.optimise_for_inference(model, tuple(x.shape), "cpu", "mixed")
+    bf16 = accel.optimise_for_inference(model, tuple(x.shape), "cpu", "bf16")
+    assert mixed.mode == "mixed", mixed.reason
+    convs = [m for m in mixed._fn.__defaults__[0].modules() if isinstance(m, accel.FusedConv)]
+    dtypes = [c.dtype for c in convs]
+    assert torch.float32 in dtypes and torch.bfloat16 in dtypes
+    keep = set(accel.final_stage_convs(model, tuple(x.shape)))
+    assert all((c.dtype == torch.float32) == (id(c.weight) in keep) for c in convs)
+    y_mixed, y_bf16 = mixed(x), bf16(x)
+    assert y_mixed.dtype == torch.float32
+    assert (y_mixed - ref).abs().max() < 0.05
+    assert (y_mixed - ref).abs().mean() <= (y_bf16 - ref).abs().mean()
 
 
 def test_fused_handles_2d_nets_and_norm_layers():
@@ -134,7 +179,7 @@ def test_default_mode_from_environment(monkeypatch):
     assert accel.default_mode() == "auto"
     monkeypatch.delenv(accel.ENV_MODE)
     assert accel.default_mode() == "auto"
-    assert accel.resolve_mode("auto", "cpu") == accel.AUTO_CPU
+    assert accel.resolve_mode("auto", "cpu") == (accel.AUTO_CPU_BF16 if accel.bf16_supported() else accel.AUTO_CPU)
     with pytest.raises(ValueError):
         accel.resolve_mode("turbo", "cpu")
 
@@ -157,8 +202,8 @@ def test_infer_uses_accel_and_agrees_with_plain(monkeypatch):
     monkeypatch.setenv(accel.ENV_MODE, "auto")
     accel.clear_cache()
     fast = predict_prob(model, image, device="cpu")
-    assert {h.mode for h in accel._CACHE[model].values()} == {accel.AUTO_CPU}
-    np.testing.assert_allclose(fast, plain, atol=1e-5)
+    assert {h.mode for h in accel._CACHE[model].values()} == {accel.resolve_mode("auto", "cpu")}
+    np.testing.assert_allclose(fast, plain, atol=1e-5 if accel.resolve_mode("auto", "cpu") == "fused" else 1e-2)
     accel.clear_cache()
 
 

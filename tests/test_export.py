@@ -71,7 +71,8 @@ def test_export_run_paths(tmp_path):
         export_run(run, None, 7)
 
 
-def test_predict_with_onnx_engine_agrees_with_pytorch(tmp_path):
+def test_predict_with_onnx_engine_agrees_with_pytorch(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEMURSEG_ACCEL", "fused")  # float32 PyTorch (auto may be bfloat16-mixed)
     run = make_run(tmp_path / "run", TINY_3D, k=2, thresholds={"pr": 0.5})
     spacing = (1.5, 0.5, 0.5)
     rng = np.random.default_rng(0)

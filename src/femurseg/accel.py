@@ -22,21 +22,34 @@ same logits as ``model(x)`` (float32, same shape, on ``x``'s device) but faster,
     Same numbers as ``"none"`` up to float32 rounding (max |logit difference| ~1e-6). Costs a
     one-off compilation per input shape (tens of seconds on 2 cores, see
     ``benchmarks/results/SUMMARY.md``); needs a C++ compiler.
+``"mixed"``
+    ``"fused"`` with bfloat16 weights and activations (float32 accumulation inside oneDNN) in
+    every convolution **except the final full-resolution stage** (:func:`final_stage_convs`:
+    for the U-Nets and the V-Net the last decoder block and the 1x1 head), which stays float32.
+    Measured on the paper-size 3D U-Net with random weights (``benchmarks/``): 65 % of the
+    arithmetic in bfloat16, mask Dice against float32 0.9992 after the predict path (restore,
+    threshold, largest component); all-bfloat16 gives 0.9980. The rounding of the last
+    full-resolution convolutions puts voxel-sized noise on the logits, which flips voxels whose
+    margin is tiny; the rounding of the coarser stages reaches the output smoothed by them
+    (measured: bfloat16 only in the full-resolution convolutions flips as many voxels as
+    all-bfloat16). **The default on CPUs with native bfloat16** (see ``"auto"``).
 ``"bf16"`` / ``"compile-bf16"``
-    ``"fused"`` with bfloat16 weights and activations (float32 accumulation inside oneDNN), or
-    ``"compile"`` under bfloat16 autocast: faster again on CPUs with AVX512-BF16/AMX, but the
-    logits move by ~1e-2, which flips voxels whose foreground/background margin is that small.
-    A trained network has few such voxels (demo 3D U-Net trained by ``femurseg cv``: mask Dice
-    against float32 >= 0.9996 on 6 unseen phantoms); a network with random weights has many
-    (Dice ~0.993 on the paper's input), so these modes are opt-in only
-    (``FEMURSEG_ACCEL=bf16``).
+    ``"fused"`` with bfloat16 weights and activations everywhere, or ``"compile"`` under
+    bfloat16 autocast: fastest on CPUs with AVX512-BF16/AMX, but the logits move by ~1e-2,
+    which flips voxels whose foreground/background margin is that small. A trained network has
+    few such voxels (demo 3D U-Net trained by ``femurseg cv``: mask Dice against float32 >=
+    0.9996 on 6 unseen phantoms); a network with random weights has many (Dice 0.998 after the
+    predict path at paper size), so these modes are opt-in only (``FEMURSEG_ACCEL=bf16``).
 ``"onnx"``
     ONNX Runtime (CPU execution provider, all graph optimisations), via
     :func:`femurseg.export.export_onnx` and :class:`femurseg.export.OnnxModel`.
 ``"auto"``
-    The fastest mode whose masks are float32-exact: see :data:`AUTO_CPU` (measured on the
-    reference machine; ``benchmarks/run_all.py``) and :func:`resolve_mode`. On CUDA: ``"none"``
-    (the caller's float16 autocast applies, as in :mod:`femurseg.infer`).
+    On a CPU with native bfloat16 (AVX512-BF16 or AMX; :func:`bf16_supported`): ``"mixed"``
+    (:data:`AUTO_CPU_BF16`), as nnU-Net predicts under float16 autocast on a GPU; on other CPUs
+    the fastest float32-exact mode, ``"fused"`` (:data:`AUTO_CPU`). Measured on the reference
+    machine (``benchmarks/run_all.py``); :func:`resolve_mode`. On CUDA: ``"none"`` (the caller's
+    float16 autocast applies, as in :mod:`femurseg.infer`). ``FEMURSEG_ACCEL=fused`` gives
+    float32-exact masks on any CPU.
 
 **Fallback.** A mode that cannot run here (no C++ compiler for inductor, no onnxruntime, no
 oneDNN or bfloat16 support, an export or compile error, a failure on the first call) falls back
@@ -75,21 +88,27 @@ from typing import Any
 import torch
 from torch import nn
 
-MODES = ("auto", "none", "channels-last", "fused", "compile", "bf16", "compile-bf16", "onnx")
+MODES = ("auto", "none", "channels-last", "fused", "mixed", "compile", "bf16", "compile-bf16", "onnx")
 """Accepted ``mode`` values of :func:`optimise_for_inference`."""
 
 AUTO_CPU = "fused"
-"""What ``mode="auto"`` means on the CPU: the fastest float32-exact mode without a set-up cost,
-measured on the reference machine (2-core AMD EPYC, AVX512-BF16; ``benchmarks/results/SUMMARY.md``):
-"fused" is as fast as "compile" without its compilation (tens of seconds per process and input
-shape, redone whenever the weights change, e.g. every validation epoch). bfloat16 modes are never
-chosen automatically: they move masks (Dice < 0.999 against float32 for untrained nets)."""
+"""What ``mode="auto"`` means on a CPU without native bfloat16: the fastest float32-exact mode
+without a set-up cost, measured on the reference machine (2-core AMD EPYC;
+``benchmarks/results/SUMMARY.md``): "fused" is as fast as "compile" without its compilation (tens
+of seconds per process and input shape, redone whenever the weights change, e.g. every
+validation epoch)."""
+
+AUTO_CPU_BF16 = "mixed"
+"""What ``mode="auto"`` means on a CPU with native bfloat16 (:func:`bf16_supported`): the
+bfloat16 mode whose masks agree with float32 to Dice >= 0.999 on the paper-size benchmark network
+even with random weights ("bf16" everywhere does not: 0.998)."""
 
 FALLBACK = {
     "compile-bf16": "bf16",
     "compile": "fused",
     "onnx": "fused",
     "bf16": "fused",
+    "mixed": "fused",
     "fused": "channels-last",
     "channels-last": "none",
 }
@@ -142,7 +161,9 @@ def resolve_mode(mode: str, device: torch.device | str) -> str:
         raise ValueError(f"accel: mode {mode!r} is not one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
-    return AUTO_CPU if torch.device(device).type == "cpu" else "none"
+    if torch.device(device).type != "cpu":
+        return "none"
+    return AUTO_CPU_BF16 if bf16_supported() else AUTO_CPU
 
 
 def _weights_version(model: nn.Module) -> tuple:
@@ -310,9 +331,9 @@ def _unavailable(mode: str, model: nn.Module, dev: torch.device) -> str:
     """Why ``mode`` cannot run here ("" if it can)."""
     if mode in ("compile", "compile-bf16") and dev.type == "cpu" and not compiler_available():
         return "no C++ compiler for torch.compile's inductor back-end"
-    if mode in ("fused", "bf16") and (dev.type != "cpu" or not torch.backends.mkldnn.is_available()):
+    if mode in ("fused", "mixed", "bf16") and (dev.type != "cpu" or not torch.backends.mkldnn.is_available()):
         return "oneDNN fused convolutions need the CPU with oneDNN (mkldnn)"
-    if mode in ("bf16", "compile-bf16") and dev.type == "cpu" and not bf16_supported():
+    if mode in ("mixed", "bf16", "compile-bf16") and dev.type == "cpu" and not bf16_supported():
         return "this CPU has no native bfloat16 support"
     if mode != "none" and not any(True for _ in model.parameters()):
         return "the model has no PyTorch parameters (e.g. an ONNX Runtime engine already)"
@@ -338,9 +359,16 @@ def _build(mode: str, model: nn.Module, dev: torch.device, shape: tuple[int, ...
     if mode == "channels-last":
         net = _channels_last_copy(model, dev) if three_d else model
         return Accelerated(net, mode, mode, model, memory_format=cl)
-    if mode in ("fused", "bf16"):
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    if mode in ("fused", "mixed", "bf16"):
+        dtype = torch.float32 if mode == "fused" else torch.bfloat16
         net = fuse_conv_relu(model, dtype)
+        if mode == "mixed":
+            if shape is None:
+                raise ValueError("accel: mode 'mixed' needs the input shape")
+            keep = set(final_stage_convs(model, shape))
+            for fc in net.modules():
+                if isinstance(fc, FusedConv) and id(fc.weight) in keep:
+                    fc.dtype = torch.float32
         mf = cl if three_d else torch.channels_last
 
         def run_fused(x: torch.Tensor, _net=net, _dtype=dtype) -> torch.Tensor:
@@ -412,6 +440,8 @@ class FusedConv(nn.Module):
         self._packed_for = shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:  # "mixed": the precision changes between stages
+            x = x.to(self.dtype)
         shape = tuple(x.shape)
         if self._packed_for != shape:
             self._pack(shape)
@@ -468,6 +498,38 @@ def fuse_conv_relu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.M
     return net
 
 
+def final_stage_convs(model: nn.Module, shape: Sequence[int]) -> list[int]:
+    """``id()`` of the weights of the convolutions of ``model``'s final full-resolution stage.
+
+    Traced on the ``meta`` device (shapes only, no arithmetic) for inputs of ``shape``: the
+    longest run of convolutions at the end of the forward pass whose input and output have the
+    spatial size of the network's output (for femurseg's U-Nets and V-Net: the last decoder
+    block and the 1x1 head; not the up-sampling into it). A network whose output is not a map
+    (patch classifiers) keeps only its last convolution. Used by mode ``"mixed"``.
+    """
+    meta = copy.deepcopy(model).to("meta").eval()
+    by_name = {n: m for n, m in model.named_modules() if isinstance(m, _CONVS)}
+    calls: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append((n, tuple(i[0].shape[2:]), tuple(o.shape[2:]))))
+             for n, m in meta.named_modules() if isinstance(m, _CONVS)]
+    try:
+        with torch.no_grad():
+            out = meta(torch.empty(tuple(int(s) for s in shape), device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    out_sp = tuple(out.shape[2:]) if out.dim() > 2 else None
+    keep: list[str] = []
+    for name, i_sp, o_sp in reversed(calls):
+        if out_sp is None:
+            keep = [name]
+            break
+        if i_sp != out_sp or o_sp != out_sp:
+            break
+        keep.append(name)
+    return [id(by_name[n].weight) for n in keep if n in by_name]
+
+
 # ---------------------------------------------------------------------------------------------
 # Memoised access for the inference loop
 
@@ -509,7 +571,7 @@ def clear_cache() -> None:
 def describe() -> dict[str, Any]:
     """What this machine supports (for logs and the benchmark summary)."""
     return {
-        "auto_cpu": AUTO_CPU,
+        "auto_cpu": resolve_mode("auto", "cpu"),
         "bf16_supported": bf16_supported(),
         "compiler_available": compiler_available(),
         "threads": torch.get_num_threads(),

@@ -32,6 +32,7 @@ Defaults (``PreprocessConfig()``) are the CPU-friendly ones used by ``femurseg c
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -178,12 +179,33 @@ def _zoom_inplane(arr: np.ndarray, size: tuple[int, int], order: int) -> np.ndar
     # spline prefilter and 4-tap interpolation along them (same values, ~2-3x the time).
     flat = np.ascontiguousarray(arr).reshape(-1, h, w)
     out = np.empty((flat.shape[0], *size), dtype=flat.dtype)
-    for i in range(flat.shape[0]):
+
+    def one(i: int) -> None:
         z = ndimage.zoom(flat[i], factors, order=order, mode="reflect", grid_mode=True, prefilter=order > 1)
         if z.shape != tuple(size):  # floating-point rounding in zoom's output shape
             raise AssertionError(f"zoom produced {z.shape}, expected {size}")
         out[i] = z
+
+    # slices are independent and scipy's zoom releases the GIL: one thread per core (same values)
+    workers = min(_threads(), flat.shape[0]) if h * w >= 1 << 16 else 1
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, range(flat.shape[0])))
+    else:
+        for i in range(flat.shape[0]):
+            one(i)
     return out.reshape(*arr.shape[:-2], *size)
+
+
+def _threads() -> int:
+    """Worker threads for slice-parallel resampling: torch's intra-op thread count (the cores
+    femurseg is allowed to use), at least 1."""
+    try:
+        import torch
+
+        return max(1, int(torch.get_num_threads()))
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 1
 
 
 def preprocess_image(data: np.ndarray, spacing: tuple[float, float, float], cfg: PreprocessConfig) -> tuple[np.ndarray, PrepInfo]:
