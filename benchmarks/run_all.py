@@ -92,6 +92,12 @@ def _steps(quick: bool) -> list[tuple[str, Callable[[Path], Any]]]:
             if all(k in rows and rows[k].get("seconds_per_round") for k in keys):
                 net = {k: [float(v) for v in rows[k]["seconds_per_round"].split()] for k in keys}
                 net_cpu = {k: [float(rows[k]["cpu_seconds_median"])] for k in keys if rows[k].get("cpu_seconds_median")}
+        if net:  # name the default path's precision (accel "auto": "mixed" where bfloat16 is native)
+            from femurseg import accel
+
+            tag = f"femurseg-network={accel.resolve_mode('auto', 'cpu')}"
+            net = {tag if k == "femurseg-network" else k: v for k, v in net.items()}
+            net_cpu = {tag if k == "femurseg-network" else k: v for k, v in (net_cpu or {}).items()}
         res = bench_ceiling.run("paper", r_small, network_times=net, network_cpu=net_cpu)
         common.write_csv(res["rows"], out / "ceiling_paper.csv")
 
@@ -239,7 +245,8 @@ def write_summary(out: Path, started: str = "", elapsed_s: float | None = None) 
         L += ["## 4. Machine ceiling", "",
               "The ceiling of a precision is its fastest kernel here (matmul or one 3x3x3 convolution, 32 -> 32 "
               "maps on 48x128x128). GFLOP per CPU-second is the contention-robust figure (x 2 cores = the idle "
-              "machine's GFLOP/s).", "",
+              "machine's GFLOP/s). `mixed` (femurseg's default on this CPU: bfloat16 except the final "
+              "full-resolution stage) is given as a fraction of the bfloat16 ceiling, its upper bound.", "",
               "| kernel | precision | s (median) | GFLOP/s (wall) | % of ceiling (wall) | GFLOP / CPU-s "
               "| % of ceiling (CPU time) |",
               "|---|---|---:|---:|---:|---:|---:|"]
