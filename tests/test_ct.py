@@ -143,7 +143,7 @@ def test_cascade_configs_default_to_a_binary_vnet():
     assert cfg["model"]["name"] == "vnet" and cfg["model"]["num_classes"] == 2
     assert cfg["preprocess"]["normalise"] == "ct"
     unet = ct.cascade_configs("demo", model_cfg={"name": "unet3d", "features": 4})
-    assert unet["model"] == {"name": "unet3d", "features": 4, "levels": 3, "norm": "instance", "num_classes": 2}
+    assert unet["model"] == {"name": "unet3d", "features": 4, "levels": 4, "norm": "instance", "num_classes": 2}
     with pytest.raises(FemursegError, match="scale"):
         ct.cascade_configs("huge")
 

@@ -197,3 +197,15 @@ def test_inplane_zoom_equals_3d_zoom(dtype, order):
                                atol=1 if dtype == np.int16 else 1e-3)
     four = np.stack([b, b[::-1]])  # (C, D, H, W) probability stacks take the same path
     assert np.array_equal(_zoom_inplane(four, (18, 14), order)[1], _zoom_inplane(b[::-1], (18, 14), order))
+
+
+def test_inplane_zoom_threads_give_the_serial_result(monkeypatch):
+    """Large slices are resampled on several threads: the same values as one thread."""
+    from femurseg.data import preprocess
+
+    a = (np.random.default_rng(4).random((5, 256, 260)) * 100).astype(np.float32)  # >= 65536 px per slice
+    monkeypatch.setattr(preprocess, "_threads", lambda: 1)
+    serial = preprocess._zoom_inplane(a, (128, 96), 3)
+    monkeypatch.setattr(preprocess, "_threads", lambda: 3)
+    threaded = preprocess._zoom_inplane(a, (128, 96), 3)
+    assert np.array_equal(serial, threaded)
