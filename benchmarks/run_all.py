@@ -20,7 +20,9 @@ levers_demo         every femurseg.accel mode on the demo input                 
 
 Standalone complements, not run here (they measure other things): ``bench_infer.py`` (end-to-end
 ``femurseg predict`` with file I/O, and GPU runs), ``bench_train.py`` (whole epochs with
-validation, 2D U-Net, autocast, GPU) and ``bench_ray_scaling.py`` (Ray back-end scaling).
+validation, 2D U-Net, autocast, GPU), ``bench_ray_scaling.py`` (Ray back-end scaling) and
+``bench_precision.py`` (which convolutions may run in bfloat16: mask agreement per assignment,
+``precision_paper.csv``, not timed).
 The paper-size lever sweep (``bench_inference.py --size paper --levers``, ~15 min with the
 compilations) is run separately; ``SUMMARY.md`` includes every CSV present in the results folder,
 with the date it was measured.
@@ -275,6 +277,17 @@ def write_summary(out: Path, started: str = "", elapsed_s: float | None = None) 
                          f"{_f(r.get('setup_s'), '.1f')} | {_f(r['peak_mem_mb'], '.0f')} | "
                          f"{_f(r['dice_vs_plain_fp32'], '.5f')} |")
             L.append("")
+    prec = _load(out, "precision_paper.csv")
+    if prec:
+        L += [f"## Which convolutions may run in bfloat16 (paper size, `bench_precision.py`, measured "
+              f"{prec[0].get('date', '?')})", "",
+              "Mask Dice against float32, random weights; not timed.", "",
+              "| convolutions in bfloat16 | share of the FLOPs | Dice, network grid | Dice, whole predict path |",
+              "|---|---:|---:|---:|"]
+        for r in prec:
+            L.append(f"| {r['bf16_convolutions']} | {_f(100 * float(r['bf16_flop_share']), '.1f')} % | "
+                     f"{_f(r['dice_grid'], '.5f')} | {_f(r['dice_whole_path'], '.5f')} |")
+        L.append("")
     findings = HERE / "FINDINGS.md"
     if findings.exists():
         L += [findings.read_text().strip(), ""]

@@ -47,8 +47,9 @@ def test_inference_rows(results):
     assert engines == ["femurseg", "femurseg-network", "monai", "plain", "femurseg[bf16]", "accel[fused]"]
     for r in rows:
         assert float(r["seconds_median"]) > 0
-        if "bf16" not in r["engine"]:
-            assert float(r["dice_vs_plain_fp32"]) >= 0.999  # float32 engines agree
+        float32 = "bf16" not in r["engine"] and r.get("accel_mode", "") in ("", "none", "fused", "channels-last")
+        # float32 engines agree; the default path may be "mixed" bfloat16 (on CPUs that have it)
+        assert float(r["dice_vs_plain_fp32"]) >= (0.999 if float32 else 0.99), r
         assert r["cpu"] and r["cores"] and r["date"]
 
 
@@ -108,3 +109,20 @@ def test_interleaved_and_ratios():
     assert r == per_round == 2.0
     assert common.dice([1, 1, 0], [1, 0, 0]) == pytest.approx(2 / 3)
     assert common.dice([0], [0]) == 1.0
+
+
+def test_precision_study_rows(tmp_path):
+    import bench_precision
+
+    rows = bench_precision.run("tiny", log=quiet)["rows"]
+    labels = [r["bf16_convolutions"] for r in rows]
+    assert labels[0] == "all" and labels[-1] == "none (float32)" and len(labels) == 6
+    ref = rows[-1]
+    assert ref["bf16_flop_share"] == 0 and ref["dice_grid"] == 1.0 and ref["dice_whole_path"] == 1.0
+    assert rows[0]["bf16_flop_share"] == pytest.approx(1.0)
+    mixed = next(r for r in rows if "(mixed)" in r["bf16_convolutions"])
+    assert 0.0 < mixed["bf16_flop_share"] < 1.0
+    assert all(0.9 <= r["dice_whole_path"] <= 1.0 for r in rows)
+    common.write_csv(rows, tmp_path / "precision_paper.csv")
+    summary = run_all.write_summary(tmp_path).read_text()
+    assert "Which convolutions may run in bfloat16" in summary
