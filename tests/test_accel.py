@@ -169,6 +169,12 @@ def test_cache_follows_the_weights(net_and_input):
     for d in range(4, 4 + accel.MAX_CACHED_SHAPES + 2):
         accel.accelerated(model, (1, 1, d, 8, 8), "cpu", "fused")
     assert len(accel._CACHE[model]) == accel.MAX_CACHED_SHAPES
+    # per mode: alternating modes on one shape keeps each prepared callable
+    c = accel.accelerated(model, x.shape, "cpu", "channels-last")
+    f = accel.accelerated(model, x.shape, "cpu", "fused")
+    n = accel.accelerated(model, x.shape, "cpu", "none")
+    assert accel.accelerated(model, x.shape, "cpu", "channels-last") is c
+    assert accel.accelerated(model, x.shape, "cpu", "fused") is f and n.mode == "none"
     accel.clear_cache()
 
 

@@ -115,8 +115,9 @@ FALLBACK = {
 """Where a mode falls back to when it cannot run here."""
 
 MAX_CACHED_SHAPES = 2
-"""Prepared callables kept per model (least recently used shapes are dropped; each holds a packed
-or compiled copy of the weights)."""
+"""Prepared callables kept per model and mode (least recently used shapes are dropped; each holds
+a packed or compiled copy of the weights). Per mode, so that alternating modes (a benchmark, or
+float32 next to the default) does not re-prepare on every call."""
 
 ENV_MODE = "FEMURSEG_ACCEL"
 """Environment variable that overrides the default mode of :func:`default_mode` (e.g. ``none``)."""
@@ -555,8 +556,9 @@ def accelerated(model: nn.Module, example_shape: Sequence[int], device: torch.de
     if hit is None:
         for k in [k for k in per_model if k[0] != version]:
             del per_model[k]
-        while len(per_model) >= MAX_CACHED_SHAPES:  # least recently used first
-            del per_model[next(iter(per_model))]
+        same_mode = [k for k in per_model if k[3] == mode]  # least recently used first
+        while len(same_mode) >= MAX_CACHED_SHAPES:
+            del per_model[same_mode.pop(0)]
         hit = optimise_for_inference(model, shape, dev, mode, warmup=False, warn=True)
         hit._hold_weakly()
     per_model[key] = hit  # (re)insert as the most recently used
