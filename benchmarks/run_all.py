@@ -321,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary-only", action="store_true", help="only rewrite SUMMARY.md from the CSVs")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.summary_only:
-        common.say(f"wrote {write_summary(args.out)}")
+    if args.summary_only:  # keep the last suite run's start and duration
+        import re
+
+        old = (args.out / "SUMMARY.md").read_text() if (args.out / "SUMMARY.md").exists() else ""
+        m = re.search(r"Suite run started (.+?), took ([0-9.]+) min", old)
+        started, elapsed = (m.group(1), 60 * float(m.group(2))) if m else ("", None)
+        common.say(f"wrote {write_summary(args.out, started, elapsed)}")
         return 0
     started = time.strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
