@@ -73,8 +73,16 @@ def test_final_stage_convs_are_the_last_full_resolution_block_and_head():
         assert 2 <= len(keep) < len(names), (cfg["name"], keep)
         assert not any(isinstance(dict(model.named_modules())[n], (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d))
                        for n in keep), keep
-        # the weights of the model are untouched (the trace runs on a meta copy)
+        # the weights of the model are untouched (the trace runs on a meta copy), and a user's
+        # forward hooks on the model do not fire during the trace (deepcopy copies them)
         assert all(p.device.type == "cpu" for p in model.parameters())
+        fired = []
+        hook = model.register_forward_hook(lambda *a: fired.append(1))
+        try:
+            accel.final_stage_convs(model, shape)
+        finally:
+            hook.remove()
+        assert fired == []
 
 
 @pytest.mark.skipif(not accel.bf16_supported(), reason="no native bfloat16 on this CPU")

@@ -293,10 +293,16 @@ run_train(a["dataset"], a["out"], ddp=True, progress=False, **a["kw"])
 """
 
 
-def test_ddp_two_cpu_ranks_equal_one_process_with_the_effective_batch(tmp_path):
+def test_ddp_two_cpu_ranks_equal_one_process_with_the_effective_batch(tmp_path, monkeypatch):
     """torchrun, 2 gloo ranks x batch 1 == 1 process x batch 2 (same samples per step; loss 'ce', no
-    augmentation, whole volumes): same weights within float tolerance; only rank 0 wrote the run."""
+    augmentation, whole volumes): same weights within float tolerance; only rank 0 wrote the run.
+
+    Validation runs in float32 ("fused"): the default on a bfloat16 CPU ("mixed") turns the
+    runs' last-bit weight differences into a different validation Dice (~1e-4), which is
+    precision, not what this test is about."""
     from femurseg.cv import run_train
+
+    monkeypatch.setenv("FEMURSEG_ACCEL", "fused")  # read per call, and inherited by torchrun's ranks
     from femurseg.data.synth import synthesize
 
     ds = synthesize(tmp_path / "ds", n=6, shape=SHAPE, progress=False)

@@ -509,6 +509,9 @@ def final_stage_convs(model: nn.Module, shape: Sequence[int]) -> list[int]:
     (patch classifiers) keeps only its last convolution. Used by mode ``"mixed"``.
     """
     meta = copy.deepcopy(model).to("meta").eval()
+    for m in meta.modules():  # deepcopy copies the user's hooks too; the trace must not fire them
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
     by_name = {n: m for n, m in model.named_modules() if isinstance(m, _CONVS)}
     calls: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append((n, tuple(i[0].shape[2:]), tuple(o.shape[2:]))))
