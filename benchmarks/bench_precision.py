@@ -26,22 +26,15 @@ import common  # noqa: E402
 
 def assignments(model: Any, shape: tuple[int, ...]) -> dict[str, Callable[[str], bool]]:
     """``{label: is_bf16(conv_name)}``; the full-resolution sets come from the traced shapes."""
-    import torch
 
     from femurseg import accel
 
     convs = {n: m for n, m in model.named_modules() if isinstance(m, accel._CONVS)}
     by_weight = {id(m.weight): n for n, m in convs.items()}
     final = {by_weight[i] for i in accel.final_stage_convs(model, shape)}
-    # every convolution whose output has the input's spatial size (traced on the meta device)
-    meta = __import__("copy").deepcopy(model).to("meta")
-    out_sp: dict[str, tuple[int, ...]] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: out_sp.__setitem__(n, tuple(o.shape[2:])))
-             for n, m in meta.named_modules() if isinstance(m, accel._CONVS)]
-    with torch.no_grad():
-        meta(torch.empty(shape, device="meta"))
-    for h in hooks:
-        h.remove()
+    # every convolution whose output has the input's spatial size
+    calls, _ = accel.trace_convs(model, shape)
+    out_sp = {n: o for n, _, o in calls}
     full = {n for n, sp in out_sp.items() if sp == tuple(shape[2:])}
     names = list(convs)
     ends = {names[0], *(n for n in names if n.endswith("head"))}

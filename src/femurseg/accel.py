@@ -499,20 +499,17 @@ def fuse_conv_relu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.M
     return net
 
 
-def final_stage_convs(model: nn.Module, shape: Sequence[int]) -> list[int]:
-    """``id()`` of the weights of the convolutions of ``model``'s final full-resolution stage.
+def trace_convs(model: nn.Module, shape: Sequence[int]) -> tuple[list[tuple[str, tuple[int, ...], tuple[int, ...]]], tuple[int, ...] | None]:
+    """The convolutions ``model`` runs for inputs of ``shape``, in forward order.
 
-    Traced on the ``meta`` device (shapes only, no arithmetic) for inputs of ``shape``: the
-    longest run of convolutions at the end of the forward pass whose input and output have the
-    spatial size of the network's output (for femurseg's U-Nets and V-Net: the last decoder
-    block and the 1x1 head; not the up-sampling into it). A network whose output is not a map
-    (patch classifiers) keeps only its last convolution. Used by mode ``"mixed"``.
+    Traced on the ``meta`` device (shapes only, no arithmetic, ``model`` untouched). Returns
+    ``([(module name, input spatial size, output spatial size), ...], output spatial size)``,
+    the latter None when the output is not a map (patch classifiers).
     """
     meta = copy.deepcopy(model).to("meta").eval()
     for m in meta.modules():  # deepcopy copies the user's hooks too; the trace must not fire them
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
-    by_name = {n: m for n, m in model.named_modules() if isinstance(m, _CONVS)}
     calls: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append((n, tuple(i[0].shape[2:]), tuple(o.shape[2:]))))
              for n, m in meta.named_modules() if isinstance(m, _CONVS)]
@@ -522,7 +519,20 @@ def final_stage_convs(model: nn.Module, shape: Sequence[int]) -> list[int]:
     finally:
         for h in hooks:
             h.remove()
-    out_sp = tuple(out.shape[2:]) if out.dim() > 2 else None
+    return calls, (tuple(out.shape[2:]) if out.dim() > 2 else None)
+
+
+def final_stage_convs(model: nn.Module, shape: Sequence[int]) -> list[int]:
+    """``id()`` of the weights of the convolutions of ``model``'s final full-resolution stage.
+
+    From :func:`trace_convs` for inputs of ``shape``: the longest run of convolutions at the end
+    of the forward pass whose input and output have the spatial size of the network's output
+    (for femurseg's U-Nets and V-Net: the last decoder block and the 1x1 head; not the
+    up-sampling into it). A network whose output is not a map (patch classifiers) keeps only its
+    last convolution. Used by mode ``"mixed"``.
+    """
+    by_name = {n: m for n, m in model.named_modules() if isinstance(m, _CONVS)}
+    calls, out_sp = trace_convs(model, shape)
     keep: list[str] = []
     for name, i_sp, o_sp in reversed(calls):
         if out_sp is None:
