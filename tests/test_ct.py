@@ -119,6 +119,21 @@ def test_stage2_input_masks_outside_the_dilated_periosteal_region():
         ct.mask_outside(img, peri[:-1])
 
 
+def test_periosteal_mask_fills_holes_and_removes_spurs_but_keeps_the_bone():
+    g = np.meshgrid(*[np.arange(24)] * 3, indexing="ij")
+    d = np.sqrt(sum((x - 11.5) ** 2 for x in g))
+    prob = (d <= 8).astype(np.float32)
+    ball = prob >= 0.5
+    prob[11:13, 11:13, 11:13] = 0.1  # a cavity inside the bone
+    prob[11, 11, 20:23] = 0.9  # a one-voxel spur out of the surface
+    prob[2, 2, 2] = 0.9  # a separate speck
+    m = ct.periosteal_mask(prob, 0.5, (1.0, 1.0, 1.0))
+    assert m.dtype == bool and m[11:13, 11:13, 11:13].all()
+    assert not m[11, 11, 21:23].any() and not m[2, 2, 2]  # the spur's base voxel may stay
+    # the 1 mm opening only rounds the voxelised sphere's surface: within 3 % of its volume
+    assert abs(int(m.sum()) - int(ball.sum())) <= 0.03 * ball.sum() and (m & ~ball).sum() <= 1
+
+
 def test_combine_stages_keeps_a_cortex_and_matches_segment():
     from femurseg.predict import segment
 
@@ -142,6 +157,7 @@ def test_cascade_configs_default_to_a_binary_vnet():
     cfg = ct.cascade_configs("demo")
     assert cfg["model"]["name"] == "vnet" and cfg["model"]["num_classes"] == 2
     assert cfg["preprocess"]["normalise"] == "ct"
+    assert cfg["train"]["min_epochs"] == cfg["train"]["max_epochs"]  # the whole schedule, no early stop
     unet = ct.cascade_configs("demo", model_cfg={"name": "unet3d", "features": 4})
     assert unet["model"] == {"name": "unet3d", "features": 4, "levels": 4, "norm": "instance", "num_classes": 2}
     with pytest.raises(FemursegError, match="scale"):
