@@ -564,9 +564,9 @@ def periosteal_mask(prob: np.ndarray, threshold: float, spacing: Sequence[float]
     cortex is the periosteal mask minus the endosteal one, so every false periosteal voxel is a
     false *cortical* voxel. A hole left inside the bone turns its rim into cortex, and a one-voxel
     spur (into the hip joint space, or a partial-volume voxel at the surface) adds cortex where
-    the shell is thinnest. Measured on the 16 CT phantoms (stage 1 of the demo cascade, the same
-    stage 2): cortical volume error in the neck 5.98 -> 5.31 %, total cortical 5.77 -> 4.70 %
-    (reference's regions). Bool, on the grid of ``prob``.
+    the shell is thinnest. Measured on the 16 CT phantoms (the demo cascade's models, out-of-fold,
+    only this step changed): cortical volume error in the neck 6.0 -> 5.3 % (reference's regions),
+    total cortical 5.7 -> 4.5 %. Bool, on the grid of ``prob``.
     """
     from femurseg.postprocess import postprocess
 
@@ -620,7 +620,7 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
       trains on the inputs the cascade gives it at test time (as nnU-Net's cascade trains its
       second stage on out-of-fold predictions); stage 1 is trained first.
 
-    Measured on the 16 CT phantoms (same stage 1, demo scale): endosteal DSC 0.980 (reference)
+    Measured on the 16 CT phantoms (same stage 1, the earlier F 4, L 3 demo models): endosteal DSC 0.980 (reference)
     vs 0.981 (oof), cortical DSC 0.829 vs 0.831, but cortical volume error 8.3 % vs 10.4 %; the
     default stays "reference".
 
