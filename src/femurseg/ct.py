@@ -28,6 +28,7 @@ and a **left** femur at high ones (``docs/conventions.md``).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -412,11 +413,15 @@ CASCADE_SCALES: dict[str, dict[str, Any]] = {
     # stage-1 folds at epochs 30-35 and kept a checkpoint from a learning rate 5-10x the final
     # one; training to the end took the cortical volume error in the neck from 7.6 to 6.3 %
     # (the same folds, stage 2 unchanged; 16 CT phantoms, 2026-11-21).
+    # Loss: soft Dice + *unweighted* cross-entropy (003 trains with plain softmax CE; nnU-Net
+    # adds Dice). The inverse-frequency weighted CE of the MR papers moves the 0.5 boundary
+    # outwards into partial-volume voxels (see femurseg.losses), which biased the thin neck
+    # cortex (cortical = periosteal - endosteal) upwards.
     "demo": {
         "model": {"name": "vnet", "features": 8, "levels": 4, "norm": "instance"},
         "preprocess": {"crop_slices": None, "target_size": None, "scale": None, "normalise": "ct",
                        "ct_window": [-200.0, 1800.0]},
-        "train": {"loss": "dice-wce", "lr": 3e-3, "max_epochs": 40, "min_epochs": 40, "patience": 8},
+        "train": {"loss": "dice-ce", "lr": 3e-3, "max_epochs": 40, "min_epochs": 40, "patience": 8},
         "augment": {"flip_p": 0.5},
     },
     # Paper 003: V-Net (F 16, 4 levels), Adam 1e-4, batch 1, whole volumes; GPU
@@ -501,6 +506,8 @@ def _write_manifest(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
 
     cols = ["image", "label", "case", "group"]
     write_csv([dict(zip(cols, r)) for r in rows], path, cols)
+    # the CSV sidecar (femurseg.data.dataset): the stage runs record their images as CT
+    path.with_suffix(".json").write_text(json.dumps({"modality": "CT"}) + "\n")
 
 
 def prepare_cascade_data(ds: Any, data_dir: str | Path, stage: int, *, dilate_mm: float = 1.0,

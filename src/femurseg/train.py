@@ -13,7 +13,8 @@ waits for disk or resampling) and validates it after every epoch.
   (as at inference, :mod:`femurseg.infer`) so their output covers the whole slice.
 * **Loss** (:mod:`femurseg.losses`): "wce" (paper 002 Eq. 1 with the intended
   inverse-frequency weights; the paper preset), "wce-literal", "ce", "dice", "dice-wce"
-  (soft Dice + "wce"; the CPU default, see below). Slices and patches are weighted with the
+  (soft Dice + "wce"; the CPU default, see below), "dice-ce" (soft Dice + unweighted CE; the
+  CT cascade's, see :mod:`femurseg.losses` for why). Slices and patches are weighted with the
   class fractions of their whole volume.
 * **Optimiser**: Adam (paper 001 Table 5: learning rate 5e-5 constant, batch size 1), with an
   optional cosine decay of the learning rate over ``max_epochs``.
