@@ -77,10 +77,39 @@ def test_soft_dice_and_loss_names():
     assert float(soft_dice_loss(logits, target)) == pytest.approx(1 - dice, rel=1e-5)
     combo = float(get_loss("dice-wce")(logits, target))
     assert combo == pytest.approx(1 - dice + float(weighted_cross_entropy(logits, target)), rel=1e-5)
+    ce = float(torch.nn.functional.cross_entropy(logits, target.long()))
+    assert float(get_loss("dice-ce")(logits, target)) == pytest.approx(1 - dice + ce, rel=1e-5)
     perfect = torch.tensor([[[-20.0, 20.0]], [[20.0, -20.0]]]).permute(2, 0, 1)[None]  # (1, 2, 2, 1)
     assert float(soft_dice_loss(perfect, torch.tensor([[[1], [0]]]))) < 1e-4
     with pytest.raises(FemursegError, match="--loss"):
         get_loss("focal")
+
+
+def _fitted_boundary_probability(loss: str) -> float:
+    """Fit one free logit pair to 10 'boundary' voxels of which 2 are bone (a partial-volume
+    voxel, posterior 0.2), beside 180 clear background and 10 clear bone voxels (bone fraction
+    12 / 200); returns the fitted bone probability of the boundary voxel."""
+    fixed = torch.zeros(2, 190)  # clear voxels: confidently right (not trained)
+    fixed[0, :180], fixed[1, 180:] = 8.0, 8.0
+    target = torch.cat([torch.zeros(180), torch.ones(10), torch.ones(2), torch.zeros(8)]).long()
+    free = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([free], lr=0.05)
+    fn = get_loss(loss)
+    for _ in range(1500):
+        logits = torch.cat([fixed, free[:, None].expand(2, 10)], dim=1)[None]  # (1, 2, 200)
+        opt.zero_grad()
+        fn(logits, target[None]).backward()
+        opt.step()
+    return float(torch.softmax(free.detach(), 0)[1])
+
+
+def test_weighted_ce_shifts_the_boundary_and_plain_ce_does_not():
+    # the losses module's claim: the minimiser of the inverse-frequency weighted CE has odds
+    # (w1 / w0) x the posterior's, so a 20 %-bone voxel is called bone; plain CE keeps 0.2
+    assert _fitted_boundary_probability("ce") == pytest.approx(0.2, abs=0.01)
+    f = 12 / 200
+    odds = (1 - f) / f * 0.2 / 0.8
+    assert _fitted_boundary_probability("wce") == pytest.approx(odds / (1 + odds), abs=0.01)
 
 
 # ----------------------------------------------------------------------------- early stopping

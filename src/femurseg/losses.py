@@ -33,9 +33,11 @@ foreground classes (c >= 1), summed over the batch's voxels. ``"dice-wce"`` adds
 
 Why the weighting matters at a boundary: the minimiser of a class-weighted cross-entropy is
 not the posterior p but p' with ``p'/(1-p') = (w_1/w_0) p/(1-p)``. With inverse-frequency
-weights and a bone fraction of 11 % (a femur crop), w_1/w_0 = 8, so ``p' >= 0.5`` wherever the
-true posterior is above ~0.11: partial-volume voxels just outside the surface are called bone.
-That hardly moves a whole-bone Dice but it biases a thin compartment (the neck cortex, the
+weights and a bone fraction of 11 % (a femur crop), w_1/w_0 = 8, so the weighted CE alone
+calls a voxel bone (``p' >= 0.5``) wherever its true posterior is above ~0.11. Adding soft
+Dice (whose own balance point is a posterior of 0.5 when the Dice is near 1) weakens the shift
+but keeps its direction: partial-volume voxels just outside the surface lean towards bone. That
+hardly moves a whole-bone Dice but it biases a thin compartment (the neck cortex, the
 difference of two surfaces) outwards; "ce" and "dice-ce" have no such shift.
 """
 
