@@ -245,3 +245,66 @@ def test_stage2_data_masked_with_stage1_out_of_fold_masks(tmp_path):
         assert b[0, 0, 0] == -1024.0
     with pytest.raises(FemursegError, match="stage2_mask"):
         ct.run_cascade_cv(ds.root, tmp_path / "run", stage2_mask="predicted", progress=False)
+
+
+def test_seed_ensemble_names_mean_and_threshold(tmp_path):
+    """Several seeds: stage folders, the seed-averaged out-of-fold map, and the PR threshold on
+    it (a single run keeps its stored threshold)."""
+    import json
+
+    from femurseg import io
+    from femurseg.data.synth import synthesize
+    from femurseg.thresholds import pr_threshold
+
+    assert ct.stage_names(1) == (["stage1"], ["stage2"])
+    assert ct.stage_names(3) == (["stage1", "stage1_seed1", "stage1_seed2"], ["stage2", "stage2_seed1", "stage2_seed2"])
+    with pytest.raises(FemursegError, match="seeds"):
+        ct.stage_names(0)
+    ds = synthesize(tmp_path / "ds", n=2, modality="ct", seed=3, shape=(24, 48, 48), spacing=(2.0, 2.5, 2.5),
+                    progress=False)
+    rng = np.random.default_rng(0)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for i, r in enumerate(runs):
+        (r / "oof").mkdir(parents=True)
+        (r / "thresholds.json").write_text(json.dumps({"pr": 0.3 + 0.1 * i}))
+        for case in ds.cases:
+            lab = io.read_image(case.label, dtype=None)
+            prob = np.clip((np.asarray(lab.data) > 0) * 0.7 + rng.uniform(0, 0.3 + 0.2 * i, lab.data.shape), 0, 1)
+            io.write_like(r / "oof" / f"{case.case_id}.nii.gz", prob.astype(np.float32), lab, np.float32)
+    ids = [c.case_id for c in ds.cases]
+    m = ct.mean_oof(runs, ids[0])
+    a, b = (io.read_image(r / "oof" / f"{ids[0]}.nii.gz").data for r in runs)
+    assert np.allclose(m, (a + b) / 2)
+    assert ct._ensemble_threshold(runs[:1], ds, ids, 1) == pytest.approx(0.3)
+    refs = [np.asarray(io.read_image(c.label, dtype=None).data) > 0 for c in ds.cases]
+    expect = pr_threshold([ct.mean_oof(runs, c) for c in ids], refs)
+    assert ct._ensemble_threshold(runs, ds, ids, 1) == pytest.approx(expect)
+
+
+@pytest.mark.slow
+def test_cascade_adds_seeds_on_resume(tmp_path):
+    """A finished 1-seed cascade rerun with seeds=2 trains only the second seed's stages,
+    re-evaluates, and predicts with both seeds' fold models."""
+    import json
+
+    from femurseg.data.synth import synthesize
+    from femurseg.predict import load_predictor
+
+    ds = synthesize(tmp_path / "ds", n=4, modality="ct", seed=1, shape=(32, 64, 64), spacing=(2.0, 2.0, 2.0),
+                    progress=False)
+    run = tmp_path / "run"
+    kw = dict(folds=2, model_cfg={"features": 4, "levels": 2}, progress=False,
+              train_cfg={"max_epochs": 1, "min_epochs": 0, "patience": 1, "patch_size": [16, 32, 32]})
+    ct.run_cascade_cv(ds.root, run, **kw)
+    before = (run / "stage1" / "fold_0" / "best.pt").stat().st_mtime_ns
+    summary = ct.run_cascade_cv(ds.root, run, seeds=2, resume=True, **kw)
+    cfg = json.loads((run / "config.json").read_text())["cascade"]
+    assert cfg["seeds"] == 2 and cfg["stages"] == ["stage1", "stage1_seed1", "stage2", "stage2_seed1"]
+    assert (run / "stage1" / "fold_0" / "best.pt").stat().st_mtime_ns == before  # seed 0 not retrained
+    s1 = json.loads((run / "stage1_seed1" / "config.json").read_text())
+    assert s1["seed"] == 1 and summary["cases"] == 4
+    pred = load_predictor(run, device="cpu")
+    assert [len(p.models) for p in pred.stages] == [4, 4]  # 2 folds x 2 seeds per stage
+    assert pred.stages[0].thresholds["pr"] == pytest.approx(summary["thresholds"]["stage1_pr"])
+    with pytest.raises(FemursegError, match="drop"):
+        ct.run_cascade_cv(ds.root, run, seeds=1, resume=True, **kw)

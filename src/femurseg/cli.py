@@ -243,6 +243,7 @@ def experiment(
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated grid ids or patterns to run (e.g. '3d-*,2d-f64-l4'); default: all."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid and settings, train nothing."),
     seed: int = typer.Option(0, help="Seed of the shared split and of every training."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="ct: train each stage with this many seeds (seed, seed+1, ...) and average them per fold (default 1; more on an existing study adds seeds)."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu or auto (default)."),
     no_panels: bool = typer.Option(False, "--no-panels", help="Skip the case panels in the reports."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -258,7 +259,7 @@ def experiment(
 
     pats = [m.strip() for m in models.split(",") if m.strip()] if models else None
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
-    typer.echo(experiment_command(name, dataset, out, scale=scale, models=pats, dry_run=dry_run, seed=seed,
+    typer.echo(experiment_command(name, dataset, out, scale=scale, models=pats, dry_run=dry_run, seed=seed, seeds=seeds,
                                   device=device, panels=not no_panels, progress=not quiet, backend=be))
 
 
@@ -317,6 +318,7 @@ def cv(
     dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
     folds: int = typer.Option(4, help="k of k-fold cross-validation (paper: 4)."),
     seed: int = typer.Option(0, help="Seed of the split, the initial weights and every epoch."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="--task cascade: train each stage with this many seeds and average them per fold (default 1)."),
     group_by: str = typer.Option("case", help="case, or subject (keep all cases of one subject in one fold)."),
     split: Optional[Path] = typer.Option(None, help="Reuse the folds of a split.json or of another run folder."),
     inner_val: float = typer.Option(0.0, help="Fraction of each fold's training cases used for early stopping (0: the held-out fold, as the paper)."),
@@ -353,12 +355,14 @@ def cv(
 
         if be != "local":
             raise FemursegError("--task cascade: runs on the local backend only")
-        summary = ct.run_cascade_cv(dataset, out, folds=folds, seed=seed, group_by=group_by, split_file=split,
+        summary = ct.run_cascade_cv(dataset, out, folds=folds, seed=seed, seeds=seeds, group_by=group_by, split_file=split,
                                     resume=resume, overwrite=overwrite, device=device, **opts)
         typer.echo(ct.format_cascade_report(summary))
         return
     if task != "binary":
         raise FemursegError(f"--task: expected binary or cascade, got {task!r}")
+    if seeds is not None:
+        raise FemursegError("--seeds: only for --task cascade")
     from femurseg.cv import run_cv
 
     res = run_cv(dataset, out, preset=preset, folds=folds, seed=seed, group_by=group_by, split_file=split,

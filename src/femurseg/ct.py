@@ -29,6 +29,7 @@ and a **left** femur at high ones (``docs/conventions.md``).
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -591,6 +592,39 @@ def stage1_mask(stage1_run: str | Path, case_id: str, threshold: float, spacing:
     return periosteal_mask(io.read_image(Path(stage1_run) / "oof" / f"{case_id}.nii.gz").data, threshold, spacing)
 
 
+def stage_names(seeds: int = 1) -> tuple[list[str], list[str]]:
+    """Folders of the stage runs of a cascade trained with ``seeds`` seeds: ``(stage 1 runs,
+    stage 2 runs)``; the first seed's are ``stage1``/``stage2``, seed i's ``stage1_seed<i>``."""
+    if seeds < 1:
+        raise FemursegError(f"--seeds: must be >= 1, got {seeds}")
+    return ([f"stage1{f'_seed{i}' if i else ''}" for i in range(seeds)],
+            [f"stage2{f'_seed{i}' if i else ''}" for i in range(seeds)])
+
+
+def mean_oof(runs: Sequence[Path], case_id: str) -> np.ndarray:
+    """A case's out-of-fold probability averaged over stage runs (one seed each), float32."""
+    from femurseg import io
+
+    maps = [np.asarray(io.read_image(Path(r) / "oof" / f"{case_id}.nii.gz").data, np.float32) for r in runs]
+    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0, dtype=np.float32)
+
+
+def _ensemble_threshold(runs: Sequence[Path], ds: Any, cases: Sequence[str], stage: int) -> float:
+    """Stage ``stage``'s PR threshold: the stored one of a single run, else 001's rule on the
+    pooled seed-averaged out-of-fold maps (reference: ``label > 0`` for stage 1, ``== 1`` for 2)."""
+    from femurseg import io
+    from femurseg.thresholds import pr_threshold
+
+    if len(runs) == 1:
+        return _stage_threshold(Path(runs[0]))
+    probs, refs = [], []
+    for cid in cases:
+        probs.append(mean_oof(runs, cid))
+        lab = np.asarray(io.read_image(ds.case(cid).label, dtype=None).data)
+        refs.append(lab > 0 if stage == 1 else lab == 1)
+    return float(pr_threshold(probs, refs))
+
+
 def cascade_configs(scale: str = "demo", model_cfg: dict | None = None, prep_cfg: dict | None = None,
                     train_cfg: dict | None = None, aug_cfg: dict | None = None) -> dict[str, dict[str, Any]]:
     """The partial configs handed to :func:`femurseg.cv.run_cv` for both stages: the scale's
@@ -614,8 +648,8 @@ def cascade_configs(scale: str = "demo", model_cfg: dict | None = None, prep_cfg
 def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo", model_cfg: dict | None = None,
                    prep_cfg: dict | None = None, train_cfg: dict | None = None, aug_cfg: dict | None = None,
                    folds: int = 4, seed: int = 0, group_by: str = "case", split_file: str | Path | None = None,
-                   dilate_mm: float = 1.0, fill_hu: float = -1024.0, stage2_mask: str = "reference", resume: bool = False,
-                   overwrite: bool = False, device: str | None = None, progress: bool = True,
+                   dilate_mm: float = 1.0, fill_hu: float = -1024.0, stage2_mask: str = "reference", seeds: int | None = None,
+                   resume: bool = False, overwrite: bool = False, device: str | None = None, progress: bool = True,
                    evaluate: bool = True) -> dict[str, Any]:
     """Cross-validate the two-model CT cascade of paper 003 (``femurseg cv --task cascade``).
 
@@ -648,6 +682,12 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
         dilate_mm: dilation of the periosteal mask before masking stage 2's input.
         fill_hu: value outside it.
         stage2_mask: "oof" or "reference": the periosteal region stage 2 is trained on (above).
+        seeds: train each stage this many times on the same folds (training seeds ``seed``,
+            ``seed + 1``, ...; folders :func:`stage_names`) and average their probabilities
+            (an ensemble per fold; the PR thresholds are taken on the averaged out-of-fold maps).
+            Costs ``seeds`` times the training. Only with ``stage2_mask="reference"``. None: 1,
+            or a resumed run's own; a resumed run given more seeds trains the missing ones and
+            evaluates anew.
         resume, overwrite, device, progress: as :func:`femurseg.cv.run_cv`.
         evaluate: compute the cascade's out-of-fold labels and metrics at the end.
 
@@ -669,6 +709,10 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
         raise FemursegError(f"--dilate-mm: must be >= 0, got {dilate_mm}")
     if stage2_mask not in ("oof", "reference"):
         raise FemursegError(f"stage2_mask: expected 'oof' or 'reference', got {stage2_mask!r}")
+    names1, names2 = stage_names(seeds or 1)
+    if (seeds or 1) > 1 and stage2_mask == "oof":
+        raise FemursegError("--seeds > 1 needs stage2_mask 'reference' (stage 2 trained on stage 1's "
+                            "out-of-fold masks would depend on the seed)")
     cfgs = cascade_configs(scale, model_cfg, prep_cfg, train_cfg, aug_cfg)
     resuming = resume and (out / CONFIG_NAME).exists()
     if resuming:
@@ -678,6 +722,16 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
         opts = config["cascade"]
         dilate_mm, fill_hu = float(opts["dilate_mm"]), float(opts["fill_hu"])
         stage2_mask = str(opts.get("stage2_mask", "reference"))  # runs made before the option: reference
+        had = int(opts.get("seeds", 1))
+        if seeds is not None and seeds < had:
+            raise FemursegError(f"{out}: the run has {had} seeds; --seeds {seeds} would drop trained ones")
+        if seeds is not None and seeds > had and stage2_mask == "oof":
+            raise FemursegError(f"{out}: --seeds > 1 needs stage2_mask 'reference'; the run has 'oof'")
+        if seeds is not None and seeds > had:  # add seeds: their stages train below, the evaluation is redone
+            opts["seeds"], opts["stages"] = seeds, sum(stage_names(seeds), [])
+            write_json(out / CONFIG_NAME, config)
+            shutil.rmtree(out / "oof_labels", ignore_errors=True)
+        seeds, seed = int(opts.get("seeds", 1)), int(config.get("seed", seed))
         cfgs = config["stage_configs"]
         split = load_split(out / "split.json", ds)
     else:
@@ -690,8 +744,8 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
             "dataset": str(_P(dataset).resolve()), "modality": ds.modality, "labels": ds.labels,
             "cases": [c.case_id for c in ds.cases], "k": split.k, "seed": seed, "group_by": split.group_by,
             "scale": scale, "stage_configs": cfgs,
-            "cascade": {"dilate_mm": float(dilate_mm), "fill_hu": float(fill_hu), "stages": ["stage1", "stage2"],
-                        "stage2_mask": stage2_mask,
+            "cascade": {"dilate_mm": float(dilate_mm), "fill_hu": float(fill_hu), "stages": names1 + names2,
+                        "seeds": seeds or 1, "stage2_mask": stage2_mask,
                         "stage2_training_mask": ("stage-1 out-of-fold prediction (PR threshold, " + PERIOSTEAL_POSTPROCESS + ")"
                                                  if stage2_mask == "oof" else "reference periosteal region"),
                         "stage2_evaluation_mask": "stage-1 out-of-fold prediction (PR threshold, " + PERIOSTEAL_POSTPROCESS + ")"},
@@ -700,14 +754,17 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
             "device": str(device or "auto"), "environment": environment(), "created": now_iso(),
         }
         write_json(out / CONFIG_NAME, config)
+    names1, names2 = stage_names(int(config["cascade"].get("seeds", 1)))
     common = dict(model_cfg=cfgs["model"], prep_cfg=cfgs["preprocess"], train_cfg=cfgs["train"], aug_cfg=cfgs["augment"],
-                  seed=seed, split_file=out / "split.json", device=device, progress=progress)
+                  split_file=out / "split.json", device=device, progress=progress)
     m1 = prepare_cascade_data(ds, out / "data", 1, progress=progress)
-    run_cv(m1, out / "stage1", resume=(out / "stage1").exists(), **common)
+    for i, name in enumerate(names1):
+        run_cv(m1, out / name, resume=(out / name).exists(), seed=seed + i, **common)
     # stage 2's inputs: masked with stage 1's out-of-fold masks ("oof", needs stage 1 first) or the reference
     m2 = prepare_cascade_data(ds, out / "data", 2, dilate_mm=dilate_mm, fill_hu=fill_hu, progress=progress,
                               stage1_run=out / "stage1" if stage2_mask == "oof" else None)
-    run_cv(m2, out / "stage2", resume=(out / "stage2").exists(), **common)
+    for i, name in enumerate(names2):
+        run_cv(m2, out / name, resume=(out / name).exists(), seed=seed + i, **common)
     if not evaluate:
         return config
     return evaluate_cascade(out, device=device, progress=progress)
@@ -731,6 +788,9 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     For each case of fold k: stage-1 out-of-fold probability -> PR threshold -> :func:`periosteal_mask`
     = periosteal mask; stage-2 fold-k model on the CT masked with it (:func:`stage2_input`) ->
     endosteal probability -> :func:`combine_stages` (stage 2's PR threshold) -> ``oof_labels/``.
+    With several seeds, each stage's probability is the mean over its seeds' runs (stage 1: their
+    out-of-fold maps; stage 2: their fold-k models) and the thresholds are taken on the averaged
+    out-of-fold maps (:func:`_ensemble_threshold`).
     Metrics per compartment (periosteal {1, 2}, endosteal {1}, cortical {2}): DSC, ASD (mm),
     sensitivity, specificity. Volumes per region (:mod:`femurseg.measure`, regions fitted on
     each mask separately, as two software runs would) and their MAE / RMSE / relative error
@@ -755,14 +815,15 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     config = _json.loads((run_dir / "config.json").read_text())
     opts = config["cascade"]
     ds = load_checked(dataset or config["dataset"], progress=False)
-    s1, s2 = load_run(run_dir / "stage1"), load_run(run_dir / "stage2")
-    thr1, thr2 = _stage_threshold(s1.path), _stage_threshold(s2.path)
-    split = s1.split
+    names1, names2 = stage_names(int(opts.get("seeds", 1)))
+    runs1, runs2 = [run_dir / n for n in names1], [run_dir / n for n in names2]
+    split = load_run(runs1[0]).split
     (run_dir / "oof_labels").mkdir(exist_ok=True)
-    predictors: dict[int, Any] = {}
+    predictors: dict[int, list[Any]] = {}
     metric_rows, volume_rows = [], []
     vols: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
-    cases = [c for c in split.cases if (s1.path / "oof" / f"{c}.nii.gz").exists()]
+    cases = [c for c in split.cases if all((r / "oof" / f"{c}.nii.gz").exists() for r in runs1)]
+    thr1, thr2 = _ensemble_threshold(runs1, ds, cases, 1), _ensemble_threshold(runs2, ds, cases, 2)
     for cid in tqdm(cases, desc="cascade evaluate", unit="case", disable=not progress, leave=False):
         k = split.fold_of(cid)
         case = ds.case(cid)
@@ -773,11 +834,11 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
         if out_path.exists():
             pred = np.asarray(io.read_image(out_path, dtype=None).data).astype(np.uint8)
         else:
-            peri = stage1_mask(s1.path, cid, thr1, sp)
+            peri = periosteal_mask(mean_oof(runs1, cid), thr1, sp)
             if k not in predictors:
-                predictors[k] = load_predictor(s2.path, folds=k, device=device or "auto", notify=lambda m: None)
-            masked = stage2_input(vol.data, peri, sp, float(opts["dilate_mm"]), float(opts["fill_hu"]))
-            p2 = predict_probability(predictors[k], vol.with_data(masked))
+                predictors[k] = [load_predictor(r, folds=k, device=device or "auto", notify=lambda m: None) for r in runs2]
+            masked = vol.with_data(stage2_input(vol.data, peri, sp, float(opts["dilate_mm"]), float(opts["fill_hu"])))
+            p2 = np.mean([predict_probability(p, masked) for p in predictors[k]], axis=0, dtype=np.float32)
             pred = combine_stages(peri, p2, thr2)
             io.write_like(out_path, pred, vol, np.uint8)
         row: dict[str, Any] = {"case": cid, "fold": k}
@@ -849,12 +910,31 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
 def load_cascade_predictor(run: Any, folds: str | int | None = "all", engine: str = "torch",
                            device: str | None = "auto", notify: Any = None) -> Any:
     """A :class:`femurseg.predict.Predictor` for a cascade run folder: stage 1's models and
-    settings, with both stages' predictors attached (``pred.stages``)."""
+    settings, with both stages' predictors attached (``pred.stages``). A run trained with several
+    seeds ensembles every seed's fold models per stage, at the thresholds its evaluation took on
+    the seed-averaged out-of-fold maps (``cascade_summary.json``)."""
+    import dataclasses
+    import json as _json
+
     from femurseg.predict import _stderr_notice, load_predictor
 
     notify = notify or _stderr_notice
-    p1 = load_predictor(run.path / "stage1", folds=folds, engine=engine, device=device, notify=notify)
-    p2 = load_predictor(run.path / "stage2", folds=folds, engine=engine, device=device, notify=notify)
+    seeds = int(run.config.get("cascade", {}).get("seeds", 1))
+
+    def stage(names: list[str], key: str) -> Any:
+        ps = [load_predictor(run.path / n, folds=folds, engine=engine, device=device, notify=notify) for n in names]
+        if len(ps) == 1:
+            return ps[0]
+        summary = run.path / "cascade_summary.json"
+        if not summary.exists():
+            raise FemursegError(f"{run.path}: a cascade with {seeds} seeds needs its evaluation "
+                                f"(cascade_summary.json: the ensemble's thresholds); rerun with --resume")
+        thr = float(_json.loads(summary.read_text())["thresholds"][key])
+        return dataclasses.replace(ps[0], models=[m for p in ps for m in p.models], folds=[f for p in ps for f in p.folds],
+                                   thresholds={**ps[0].thresholds, "pr": thr})
+
+    names1, names2 = stage_names(seeds)
+    p1, p2 = stage(names1, "stage1_pr"), stage(names2, "stage2_pr")
     pred = type(p1)(run.path, p1.models, p1.folds, p1.prep, p1.infer_options, p1.thresholds, p1.train_spacing,
                     CASCADE_TASK, p1.device, run.config)
     pred.stages = (p1, p2)  # type: ignore[attr-defined]
@@ -983,14 +1063,15 @@ def format_cascade_report(summary: dict[str, Any]) -> str:
 
 
 def run_cascade_experiment(dataset: str | Path, out: str | Path, *, scale: str = "demo", seed: int = 0,
-                           folds: int = 4, device: str | None = None, progress: bool = True,
+                           seeds: int | None = None, folds: int = 4, device: str | None = None, progress: bool = True,
                            model_cfg: dict | None = None) -> str:
     """``femurseg experiment ct DATASET --out DIR``: the cascade study of paper 003 at ``scale``.
 
     Cross-validates the cascade into ``DIR/run`` (:func:`run_cascade_cv`; rerun to resume), then
     writes ``DIR/table1.csv`` (DSC, ASD, SP, SN per compartment: 003 Table 1),
     ``DIR/table2.csv`` and ``DIR/table2_reference_regions.csv`` (volume MAE, RMSE and relative
-    error per region: 003 Table 2) and ``DIR/report.txt``; returns the report text.
+    error per region: 003 Table 2) and ``DIR/report.txt``; returns the report text. ``seeds``:
+    as :func:`run_cascade_cv` (rerun an existing study with a larger ``seeds`` to add seeds).
     """
     from pathlib import Path as _P
 
@@ -1000,7 +1081,7 @@ def run_cascade_experiment(dataset: str | Path, out: str | Path, *, scale: str =
     if not outp.parent.is_dir():
         raise FemursegError(f"{outp}: parent folder {outp.parent} does not exist")
     outp.mkdir(exist_ok=True)
-    summary = run_cascade_cv(dataset, outp / "run", scale=scale, seed=seed, folds=folds, device=device,
+    summary = run_cascade_cv(dataset, outp / "run", scale=scale, seed=seed, seeds=seeds, folds=folds, device=device,
                              progress=progress, resume=True, model_cfg=model_cfg)
     t1, t2 = cascade_tables(summary, "own")
     _, t2r = cascade_tables(summary, "reference")

@@ -375,7 +375,10 @@ def experiment_command(name: str, dataset: str | os.PathLike | None, out: str | 
         if dataset is None or out is None:
             raise FemursegError("experiment: give the DATASET and --out DIR (or --dry-run to see the settings)")
         return ct.run_cascade_experiment(dataset, out, scale=scale, seed=int(kwargs.get("seed", 0)),
-                                         device=kwargs.get("device"), progress=bool(kwargs.get("progress", True)))
+                                         seeds=kwargs.get("seeds"), device=kwargs.get("device"),
+                                         progress=bool(kwargs.get("progress", True)))
+    if kwargs.get("seeds") is not None:
+        raise FemursegError("--seeds: only for the ct experiment")
     grid = select_grid(paper_grid(scale), models)
     if dry_run:
         return format_grid(grid, scale)
