@@ -389,10 +389,12 @@ def split_sides(mask: np.ndarray, spacing: Sequence[float] | None = None, min_fr
 #                                (stage2_mask "reference"; stage2_oof.csv: with stage 1's out-of-fold
 #                                masks, "oof"), dilated by dilate_mm; label == 1 (endosteal)
 #     RUN/stage1/, RUN/stage2/   the two cv runs (fold models, out-of-fold maps, thresholds)
+#     RUN/stage1_seed<i>/, ...   with --seeds N: the same stages trained with seed + i (i < N)
 #     RUN/oof_labels/<case>.nii.gz     cascade out-of-fold label maps (0/1/2) on the input grid
 #     RUN/cascade_metrics.csv    per case: DSC, ASD, sensitivity, specificity per compartment
 #     RUN/cascade_volumes.csv    per case and region: reference and predicted volumes
-#     RUN/cascade_summary.json   means (003 Table 1) and volume errors per region (003 Table 2)
+#     RUN/cascade_summary.json   means (003 Table 1) and volume errors per region (003 Table 2),
+#                                the thresholds used (with several seeds: those of the ensemble)
 
 CASCADE_TASK = "cascade"
 COMPARTMENTS: dict[str, tuple[int, ...]] = {"periosteal": (1, 2), "endosteal": (1,), "cortical": (2,)}
