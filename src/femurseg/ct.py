@@ -711,12 +711,9 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
         raise FemursegError(f"--dilate-mm: must be >= 0, got {dilate_mm}")
     if stage2_mask not in ("oof", "reference"):
         raise FemursegError(f"stage2_mask: expected 'oof' or 'reference', got {stage2_mask!r}")
-    names1, names2 = stage_names(seeds or 1)
-    if (seeds or 1) > 1 and stage2_mask == "oof":
-        raise FemursegError("--seeds > 1 needs stage2_mask 'reference' (stage 2 trained on stage 1's "
-                            "out-of-fold masks would depend on the seed)")
     cfgs = cascade_configs(scale, model_cfg, prep_cfg, train_cfg, aug_cfg)
     resuming = resume and (out / CONFIG_NAME).exists()
+    had = 1  # seeds already in the run
     if resuming:
         config = _json.loads((out / CONFIG_NAME).read_text())
         if config.get("task") != CASCADE_TASK:
@@ -724,16 +721,19 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
         opts = config["cascade"]
         dilate_mm, fill_hu = float(opts["dilate_mm"]), float(opts["fill_hu"])
         stage2_mask = str(opts.get("stage2_mask", "reference"))  # runs made before the option: reference
-        had = int(opts.get("seeds", 1))
-        if seeds is not None and seeds < had:
-            raise FemursegError(f"{out}: the run has {had} seeds; --seeds {seeds} would drop trained ones")
-        if seeds is not None and seeds > had and stage2_mask == "oof":
-            raise FemursegError(f"{out}: --seeds > 1 needs stage2_mask 'reference'; the run has 'oof'")
-        if seeds is not None and seeds > had:  # add seeds: their stages train below, the evaluation is redone
-            opts["seeds"], opts["stages"] = seeds, sum(stage_names(seeds), [])
+        had, seed = int(opts.get("seeds", 1)), int(config.get("seed", seed))
+    n_seeds = had if seeds is None else seeds
+    names1, names2 = stage_names(n_seeds)
+    if n_seeds < had:
+        raise FemursegError(f"{out}: the run has {had} seeds; --seeds {seeds} would drop trained ones")
+    if n_seeds > 1 and stage2_mask == "oof":
+        raise FemursegError("--seeds > 1 needs stage2_mask 'reference' (stage 2 trained on stage 1's "
+                            "out-of-fold masks would depend on the seed)")
+    if resuming:
+        if n_seeds > had:  # add seeds: their stages train below, the evaluation is redone
+            opts["seeds"], opts["stages"] = n_seeds, names1 + names2
             write_json(out / CONFIG_NAME, config)
             shutil.rmtree(out / "oof_labels", ignore_errors=True)
-        seeds, seed = int(opts.get("seeds", 1)), int(config.get("seed", seed))
         cfgs = config["stage_configs"]
         split = load_split(out / "split.json", ds)
     else:
@@ -747,7 +747,7 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
             "cases": [c.case_id for c in ds.cases], "k": split.k, "seed": seed, "group_by": split.group_by,
             "scale": scale, "stage_configs": cfgs,
             "cascade": {"dilate_mm": float(dilate_mm), "fill_hu": float(fill_hu), "stages": names1 + names2,
-                        "seeds": seeds or 1, "stage2_mask": stage2_mask,
+                        "seeds": n_seeds, "stage2_mask": stage2_mask,
                         "stage2_training_mask": ("stage-1 out-of-fold prediction (PR threshold, " + PERIOSTEAL_POSTPROCESS + ")"
                                                  if stage2_mask == "oof" else "reference periosteal region"),
                         "stage2_evaluation_mask": "stage-1 out-of-fold prediction (PR threshold, " + PERIOSTEAL_POSTPROCESS + ")"},
@@ -756,7 +756,6 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
             "device": str(device or "auto"), "environment": environment(), "created": now_iso(),
         }
         write_json(out / CONFIG_NAME, config)
-    names1, names2 = stage_names(int(config["cascade"].get("seeds", 1)))
     common = dict(model_cfg=cfgs["model"], prep_cfg=cfgs["preprocess"], train_cfg=cfgs["train"], aug_cfg=cfgs["augment"],
                   split_file=out / "split.json", device=device, progress=progress)
     m1 = prepare_cascade_data(ds, out / "data", 1, progress=progress)

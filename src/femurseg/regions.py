@@ -239,7 +239,7 @@ def _surface_points(m: np.ndarray, sp: np.ndarray, centre: np.ndarray, half: flo
     """Sub-voxel surface points (mm) of ``m`` in a box of half-size ``half`` mm around ``centre``."""
     from skimage.measure import marching_cubes
 
-    if not np.all(np.isfinite(centre)):  # a degenerate fit upstream: no points, the caller reports it
+    if not (np.all(np.isfinite(centre)) and np.isfinite(half)):  # a degenerate fit upstream: no points
         return np.zeros((0, 3))
     c = centre / sp
     h = half / sp
