@@ -589,9 +589,7 @@ def periosteal_mask(prob: np.ndarray, threshold: float, spacing: Sequence[float]
 def stage1_mask(stage1_run: str | Path, case_id: str, threshold: float, spacing: Sequence[float]) -> np.ndarray:
     """A case's stage-1 out-of-fold periosteal mask (:func:`periosteal_mask` of the ``oof``
     probability; what the cascade hands to stage 2), bool on the case's grid."""
-    from femurseg import io
-
-    return periosteal_mask(io.read_image(Path(stage1_run) / "oof" / f"{case_id}.nii.gz").data, threshold, spacing)
+    return periosteal_mask(mean_oof([Path(stage1_run)], case_id), threshold, spacing)
 
 
 def stage_names(seeds: int = 1) -> tuple[list[str], list[str]]:

@@ -114,5 +114,6 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
     if name == "dice-wce":
         return lambda lg, t, fractions=None: soft_dice_loss(lg, t) + weighted_cross_entropy(lg, t, fractions=fractions)
     if name == "dice-ce":
-        return lambda lg, t, fractions=None: soft_dice_loss(lg, t) + F.cross_entropy(lg.float(), t.long())
+        ce = get_loss("ce")
+        return lambda lg, t, fractions=None: soft_dice_loss(lg, t) + ce(lg, t)
     raise FemursegError(f"--loss: {name!r} is not one of {', '.join(LOSSES)}")
