@@ -153,6 +153,29 @@ def test_ct_label_maps_per_compartment(tmp_path):
     assert {v["compartment"] for v in volume_summary(rows)} == {"periosteal", "endosteal", "cortical"}
 
 
+def test_ct_phantom_rows_have_region_volumes_and_nan_fits_are_left_out():
+    from femurseg.data import phantom
+    from femurseg.evaluate import evaluate_arrays
+
+    case = phantom.generate_case(3, modality="ct", artefacts=False)
+    ref = case.label
+    shrunk = np.where(ref == 2, np.uint8(1), ref)  # the cortex called trabecular: no cortical volume
+    rows = [{"case": "a", **evaluate_arrays(ref, ref, case.spacing)},
+            {"case": "b", **evaluate_arrays(shrunk, ref, case.spacing)},
+            {"case": "c", **evaluate_arrays(np.zeros_like(ref), ref, case.spacing)}]
+    for r in rows:
+        assert r["neck_cortical_vol_ref_cm3"] > 0 and r["combination_total_vol_ref_cm3"] > r["neck_total_vol_ref_cm3"]
+    assert rows[0]["neck_cortical_vol_pred_cm3"] == rows[0]["neck_cortical_vol_ref_cm3"]
+    assert math.isnan(rows[2]["head_total_vol_pred_cm3"])  # no head to fit in an empty prediction
+    by = {v["compartment"]: v for v in volume_summary(rows)}
+    assert {"periosteal", "head_total", "neck_cortical", "trochanter_trabecular", "intertrochanter_cortical",
+            "combination_cortical"} <= set(by)
+    assert "total_total" not in by  # the whole femur is the periosteal compartment
+    assert by["neck_cortical"]["n"] == 2 and by["periosteal"]["n"] == 3
+    assert by["neck_cortical"]["re_mean_pct"] == pytest.approx(50.0)  # 0 % and 100 %
+    assert by["neck_cortical"]["re_max_pct"] == pytest.approx(100.0)
+
+
 def _fake_run(root: Path, ds: Path, probs: dict[str, np.ndarray], like: dict[str, io.Volume], thr: float,
               postprocess: str | None = None) -> Path:
     run = root / "run"

@@ -8,11 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from femurseg import io
 from femurseg.data import phantom
 from femurseg.errors import FemursegError
-from femurseg.measure import COLUMNS, ROW_NAMES, cortical_thickness, measure, measure_femur, read_csv, write_csv
+from femurseg.measure import (COLUMNS, ROW_NAMES, cortical_thickness, measure, measure_femur, read_csv,
+                              region_volume_pairs, write_csv)
 
 
 def sphere_shell(radius: float, inner: float, spacing, fov_mm: float = 56.0) -> np.ndarray:
@@ -112,6 +114,42 @@ def test_bilateral_mask_is_measured_per_side(ct_case):
     tot = {r["side"]: r["total_volume_cm3"] for r in rows if r["region"] == "total"}
     assert tot["left"] == pytest.approx(tot["right"])
     assert {f["side"] for f in fits} == {"left", "right"}
+
+
+def test_region_volume_pairs_exact_layer_and_empty(ct_case):
+    lab, sp = ct_case.label, ct_case.spacing
+    vox = float(np.prod(sp)) / 1000.0
+    same = region_volume_pairs(lab, lab, sp)
+    assert {(v["region"], v["compartment"]) for v in same} == {(r, c) for r in ROW_NAMES
+                                                                 for c in ("total", "trabecular", "cortical")}
+    for v in same:
+        assert v["pred_cm3"] == pytest.approx(v["ref_cm3"]) and v["pred_in_ref_regions_cm3"] == pytest.approx(v["ref_cm3"])
+        assert v["fit_error"] == "" and v["side"] == ""
+    # one more voxel layer of cortex outside the bone: in the reference's regions it all lands in
+    # total and cortical, none in trabecular, and the regions' sums are the layer's volume
+    grown = ndimage.binary_dilation(lab > 0, ndimage.generate_binary_structure(3, 1)) & (lab == 0)
+    pred = np.where(grown, np.uint8(2), lab)
+    by = {(v["region"], v["compartment"]): v for v in region_volume_pairs(pred, lab, sp)}
+    layer = np.count_nonzero(grown) * vox
+    for comp in ("total", "cortical"):
+        d = {r: by[(r, comp)]["pred_in_ref_regions_cm3"] - by[(r, comp)]["ref_cm3"] for r in ROW_NAMES}
+        assert d["total"] == pytest.approx(layer)
+        assert sum(d[r] for r in ("head", "neck", "trochanter", "intertrochanter")) == pytest.approx(layer)
+        assert all(d[r] > 0 for r in ("head", "neck", "trochanter", "intertrochanter"))
+    assert all(by[(r, "trabecular")]["pred_in_ref_regions_cm3"] == pytest.approx(by[(r, "trabecular")]["ref_cm3"])
+               for r in ROW_NAMES)
+    assert by[("total", "cortical")]["pred_cm3"] == pytest.approx(by[("total", "cortical")]["ref_cm3"] + layer)
+    empty = region_volume_pairs(np.zeros_like(lab), lab, sp)
+    assert all(math.isnan(v["pred_cm3"]) and v["pred_in_ref_regions_cm3"] == 0 and v["fit_error"] for v in empty)
+
+
+def test_region_volume_pairs_bilateral(ct_case):
+    lab, sp = ct_case.label, ct_case.spacing
+    both = np.concatenate([lab, lab[..., ::-1]], axis=2)
+    rows = region_volume_pairs(both, both, sp)
+    assert {v["side"] for v in rows} == {"left", "right"} and len(rows) == 2 * 3 * len(ROW_NAMES)
+    tot = {v["side"]: v["pred_in_ref_regions_cm3"] for v in rows if (v["region"], v["compartment"]) == ("total", "total")}
+    assert tot["left"] == pytest.approx(tot["right"]) == pytest.approx(float(np.count_nonzero(lab)) * np.prod(sp) / 1000)
 
 
 def test_csv_round_trip(tmp_path):

@@ -804,10 +804,9 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
 
     from femurseg import io
     from femurseg.data.dataset import load_checked
-    from femurseg.measure import measure_femur
+    from femurseg.measure import region_volume_pairs
     from femurseg.metrics import overlap_metrics, surface_metrics, volume_errors
     from femurseg.predict import load_predictor, predict_probability
-    from femurseg.regions import REGION_LABELS
     from femurseg.run import load_run, write_json
 
     run_dir = _P(run_dir)
@@ -849,33 +848,16 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
             row[f"{name}_sensitivity"] = o["recall"]
             row[f"{name}_specificity"] = o["specificity"]
         metric_rows.append(row)
-        # regional volumes
-        ref_rows, _, ref_regions = measure_femur(ref, sp, compartments=True)
-        try:
-            pred_rows, _, _ = measure_femur(pred, sp, compartments=True)
-        except FemursegError as exc:  # the prediction has no recognisable head: no own regions
-            pred_rows = None
-            row["region_error"] = str(exc)
-        # the reference's regions extended to every voxel (nearest region), so predicted bone
-        # outside the reference bone counts in the region it sticks out of
-        _, near = ndimage.distance_transform_edt(ref_regions == 0, sampling=sp, return_indices=True)
-        ref_regions_all = ref_regions[tuple(near)]
-        for r_ref in ref_rows:
-            region = r_ref["region"]
-            sel = (np.ones(ref.shape, bool) if region == "total" else
-                   np.isin(ref_regions_all, [REGION_LABELS[n] for n in ("neck", "trochanter", "intertrochanter")])
-                   if region == "combination" else ref_regions_all == REGION_LABELS[region])
-            vox = float(np.prod(sp)) / 1000.0
-            fixed = {"total": np.count_nonzero((pred > 0) & sel) * vox, "cortical": np.count_nonzero((pred == 2) & sel) * vox,
-                     "trabecular": np.count_nonzero((pred == 1) & sel) * vox}
-            own = next((r for r in pred_rows if r["region"] == region), None) if pred_rows else None
-            for comp in ("total", "trabecular", "cortical"):
-                rv = float(r_ref[f"{comp}_volume_cm3"])
-                pv_own = float(own[f"{comp}_volume_cm3"]) if own else float("nan")
-                volume_rows.append({"case": cid, "region": region, "compartment": comp, "ref_cm3": rv,
-                                    "pred_cm3": pv_own, "pred_in_ref_regions_cm3": fixed[comp]})
-                vols.setdefault(("own", region, comp), []).append((pv_own, rv))
-                vols.setdefault(("reference", region, comp), []).append((fixed[comp], rv))
+        # regional volumes: regions fitted on each mask, and the reference's regions
+        for v in region_volume_pairs(pred, ref, sp):
+            if v["fit_error"]:
+                row["region_error"] = v["fit_error"]
+            key = v["region"]  # both femurs of a bilateral scan pool into one row, as 003 pools its femurs
+            volume_rows.append({"case": cid, "side": v["side"], "region": v["region"], "compartment": v["compartment"],
+                                "ref_cm3": v["ref_cm3"], "pred_cm3": v["pred_cm3"],
+                                "pred_in_ref_regions_cm3": v["pred_in_ref_regions_cm3"]})
+            vols.setdefault(("own", key, v["compartment"]), []).append((v["pred_cm3"], v["ref_cm3"]))
+            vols.setdefault(("reference", key, v["compartment"]), []).append((v["pred_in_ref_regions_cm3"], v["ref_cm3"]))
     for name, rows in (("cascade_metrics.csv", metric_rows), ("cascade_volumes.csv", volume_rows)):
         if not rows:
             continue

@@ -18,13 +18,15 @@ The metrics are :func:`femurseg.metrics.evaluate_case` (binary MR labels: ``dsc`
 ``precision``, ``recall``, ``specificity``, ``asd_mm``, ``msd_mm``, ``hd95_mm``,
 ``vol_pred_cm3``, ``vol_ref_cm3``, ``vol_diff_cm3``, ``auc``, ``ap``) or, when the reference
 is a multi-label CT map, :func:`femurseg.metrics.evaluate_labels` (per compartment
-``periosteal_*``, ``endosteal_*``, ``cortical_*``). Empty masks follow the rules of
+``periosteal_*``, ``endosteal_*``, ``cortical_*``) plus the volumes per region of 003 Fig. 7
+(:func:`region_volume_columns`: head, neck, trochanter, intertrochanter, combination; regions
+fitted on each mask). Empty masks follow the rules of
 :mod:`femurseg.metrics` (one empty -> DSC 0, distances inf). Prediction and reference must
 share the same grid and geometry (else a one-line error naming both files).
 
 Across cases the volumes are summarised as in 003 Table 2 (Eqs. 6-8): mean absolute error,
-root mean square error and relative error (mean, min, max), per compartment
-(:func:`volume_summary`), and every metric as mean, SD, median and quartiles
+root mean square error and relative error (mean, min, max), per compartment and, for CT,
+per region and compartment (:func:`volume_summary`), and every metric as mean, SD, median and quartiles
 (:func:`metric_summary`).
 """
 
@@ -212,8 +214,34 @@ def evaluate_arrays(
     if multilabel is None:
         multilabel = is_multilabel(ref)
     if multilabel:
-        return metrics.evaluate_labels(np.asarray(pred).astype(np.int16), np.asarray(ref).astype(np.int16), spacing)
+        row = metrics.evaluate_labels(np.asarray(pred).astype(np.int16), np.asarray(ref).astype(np.int16), spacing)
+        row.update(region_volume_columns(pred, ref, spacing))
+        return row
     return metrics.evaluate_case(np.asarray(pred) != 0, np.asarray(ref) != 0, spacing, prob)
+
+
+def region_volume_columns(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+    """Per-region volume columns of a CT case (003 Table 2): ``{region}_{compartment}_vol_pred_cm3``
+    and ``..._vol_ref_cm3`` for the regions head, neck, trochanter, intertrochanter and combination
+    and the compartments total, trabecular and cortical (the whole femur is already in the
+    ``periosteal_`` / ``endosteal_`` / ``cortical_`` columns), prefixed ``right_`` / ``left_`` for
+    a bilateral scan. The regions are fitted on each mask separately
+    (:func:`femurseg.measure.region_volume_pairs`); a prediction without a recognisable femoral
+    head gets NaN, left out of the summaries. A reference without one gets no region columns."""
+    from femurseg.measure import region_volume_pairs
+
+    try:
+        pairs = region_volume_pairs(pred, ref, tuple(float(s) for s in spacing))
+    except FemursegError:
+        return {}
+    row: dict[str, float] = {}
+    for v in pairs:
+        if v["region"] == "total":
+            continue
+        key = f"{v['side'] + '_' if v['side'] else ''}{v['region']}_{v['compartment']}"
+        row[f"{key}_vol_pred_cm3"] = v["pred_cm3"]
+        row[f"{key}_vol_ref_cm3"] = v["ref_cm3"]
+    return row
 
 
 def evaluate_files(cf: CaseFiles, multilabel: bool | None = None) -> dict[str, Any]:
@@ -483,11 +511,10 @@ def metric_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def volume_pairs(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
-    """Compartment -> (pred column, ref column) of the volume columns present in ``rows``
-    (``femur`` for binary rows; ``periosteal``/``endosteal``/``cortical`` for CT)."""
-    if not rows:
-        return {}
-    keys = rows[0].keys()
+    """Compartment -> (pred column, ref column) of the volume columns present in any of ``rows``
+    (``femur`` for binary rows; ``periosteal``/``endosteal``/``cortical`` and the regional
+    ``{region}_{compartment}`` for CT)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     out = {}
     for k in keys:
         if k.endswith("vol_pred_cm3"):
@@ -507,8 +534,12 @@ def volume_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     out = []
     for comp, (pk, rk) in volume_pairs(rows).items():
-        p = np.array([float(r[pk]) for r in rows])
-        r = np.array([float(r[rk]) for r in rows])
+        p = np.array([float(r.get(pk, math.nan)) for r in rows])
+        r = np.array([float(r.get(rk, math.nan)) for r in rows])
+        ok = np.isfinite(p) & np.isfinite(r)  # NaN: a prediction whose regions could not be fitted
+        if not ok.any():
+            continue
+        p, r = p[ok], r[ok]
         e = volume_errors(p, r)
         out.append({
             "compartment": comp, "n": e["n"],

@@ -215,6 +215,72 @@ def measure(label: np.ndarray, spacing: tuple[float, float, float], image: np.nd
     return all_rows, fits, rmap
 
 
+def region_volume_pairs(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> list[dict[str, Any]]:
+    """Reference and predicted volumes (cm^3) per femur, region and compartment (003 Table 2).
+
+    Args:
+        pred, ref: CT label maps (0/1/2) on the same canonical grid; one femur, or both femurs of a
+            bilateral scan (split as :func:`measure` does, on the reference; each predicted voxel
+            goes to the femur on its side of the mid-column between the two reference femurs).
+        spacing: mm per canonical axis.
+
+    Returns:
+        One dict per (femur, region in :data:`ROW_NAMES`, compartment ``total`` / ``trabecular``
+        / ``cortical``) with ``side`` ("" for a single femur), ``region``, ``compartment``,
+        ``ref_cm3``, ``pred_cm3`` (the regions fitted on the *predicted* mask, as two software
+        runs would measure; NaN when the prediction has no recognisable femoral head, the reason
+        in ``fit_error``) and ``pred_in_ref_regions_cm3`` (the reference's regions, each voxel
+        in the region of the nearest reference bone voxel, so bone the prediction adds outside
+        the reference counts where it sticks out: the segmentation error without the region
+        fit's own variability).
+
+    Raises:
+        FemursegError: the reference has no recognisable femoral head (:func:`measure_femur`).
+    """
+    from femurseg.ct import split_sides
+
+    p, r = np.asarray(pred).astype(np.uint8), np.asarray(ref).astype(np.uint8)
+    if p.shape != r.shape:
+        raise FemursegError(f"prediction shape {p.shape} differs from the reference's {r.shape}")
+    sp = tuple(float(s) for s in spacing)
+    sides = split_sides(r > 0, sp)
+    if sides:
+        mid = 0.5 * (np.nonzero(sides["right"])[2].mean() + np.nonzero(sides["left"])[2].mean())
+        cols = np.arange(r.shape[2])[None, None, :]
+        halves = {"right": cols < mid, "left": cols >= mid}
+        femurs = [(s, np.where(sides[s], r, 0).astype(np.uint8), np.where(halves[s], p, 0).astype(np.uint8))
+                  for s in ("right", "left")]
+    else:
+        femurs = [("", r, p)]
+    vox = float(np.prod(sp)) / 1000.0
+    comps = {"total": (1, 2), "trabecular": (1,), "cortical": (2,)}
+    out: list[dict[str, Any]] = []
+    for side, rf, pf in femurs:
+        ref_rows, _, ref_regions = measure_femur(rf, sp, compartments=True, side=side)
+        fit_error = ""
+        try:
+            own = {row["region"]: row for row in measure_femur(pf, sp, compartments=True, side=side)[0]} if pf.any() else {}
+            if not own:
+                fit_error = "empty prediction"
+        except FemursegError as exc:
+            own, fit_error = {}, str(exc)
+        _, near = ndimage.distance_transform_edt(ref_regions == 0, sampling=sp, return_indices=True)
+        nearest = ref_regions[tuple(near)]
+        for rr in ref_rows:
+            region = rr["region"]
+            sel = (np.ones(r.shape, bool) if region == "total" else
+                   np.isin(nearest, [REGION_LABELS[n] for n in COMBINATION]) if region == "combination" else
+                   nearest == REGION_LABELS[region])
+            for comp, values in comps.items():
+                pr = own.get(region)
+                out.append({"side": side, "region": region, "compartment": comp,
+                            "ref_cm3": float(rr[f"{comp}_volume_cm3"]),
+                            "pred_cm3": float(pr[f"{comp}_volume_cm3"]) if pr else math.nan,
+                            "pred_in_ref_regions_cm3": np.count_nonzero(np.isin(pf, values) & sel) * vox,
+                            "fit_error": fit_error})
+    return out
+
+
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write measurement rows (keys :data:`COLUMNS`) as CSV atomically (:func:`femurseg.tables.write_csv`)."""
     from femurseg.tables import write_csv as _write
