@@ -153,6 +153,27 @@ def test_combine_stages_keeps_a_cortex_and_matches_segment():
     assert np.array_equal(seg, lab)
 
 
+def test_predict_labels_are_the_evaluated_cascade_labels():
+    """segment() of cascade_probabilities at the stored stage-1 threshold and predict's default
+    post-processing returns combine_stages(periosteal_mask(...)): holes filled, spurs removed."""
+    from femurseg.predict import DEFAULT_POSTPROCESS, segment
+
+    g = np.meshgrid(*[np.arange(24)] * 3, indexing="ij")
+    d = np.sqrt(sum((x - 11.5) ** 2 for x in g))
+    p = np.clip(9.0 - d, 0, 1).astype(np.float32) * 0.9 + 0.05
+    p[11, 11, 11] = 0.2  # a hole inside the bone
+    p[11, 11, 21:23] = 0.8  # a one-voxel spur
+    thr1, thr2 = 0.537, 0.41
+    peri = ct.periosteal_mask(p, thr1, (1.0, 1.0, 1.0))
+    assert peri[11, 11, 11] and not peri[11, 11, 22] and not np.array_equal(peri, p >= thr1)
+    q = np.clip(7.0 - d, 0, 1).astype(np.float32)
+    want = ct.combine_stages(peri, q, thr2)
+    probs = ct.cascade_probabilities(p, peri, q, thr2, thr1)
+    for post in (DEFAULT_POSTPROCESS, "none", "lcc+fill+open"):
+        seg, used = segment(probs, (1.0, 1.0, 1.0), stored={"pr": thr1}, postprocess=post)
+        assert used == pytest.approx(thr1) and np.array_equal(seg, want), post
+
+
 def test_cascade_configs_default_to_a_binary_vnet():
     cfg = ct.cascade_configs("demo")
     assert cfg["model"]["name"] == "vnet" and cfg["model"]["num_classes"] == 2

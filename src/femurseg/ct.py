@@ -485,18 +485,30 @@ def combine_stages(periosteal: np.ndarray, endosteal_prob: np.ndarray, threshold
 
 
 def cascade_probabilities(periosteal_prob: np.ndarray, periosteal: np.ndarray, endosteal_prob: np.ndarray,
-                          threshold: float = 0.5) -> np.ndarray:
+                          threshold: float = 0.5, periosteal_threshold: float = 0.5) -> np.ndarray:
     """``(3, *shape)`` probabilities (background, trabecular, cortical) for ``predict.segment``.
 
-    Foreground = the periosteal probability; inside it the class is trabecular exactly where
-    :func:`combine_stages` puts label 1 (the endosteal probability is remapped monotonically so
-    ``threshold`` lands on 0.5, and zeroed outside the eroded periosteal mask).
+    Built so that ``segment`` at the stored stage-1 threshold gives exactly :func:`combine_stages`,
+    the label map the cascade's evaluation scores:
+
+    * foreground = the periosteal probability, raised to ``periosteal_threshold`` inside the
+      ``periosteal`` mask and lowered just below it outside, so thresholding it there returns the
+      post-processed mask (:func:`periosteal_mask`: holes filled, spurs opened away), not the raw
+      ``prob >= threshold`` (a higher or lower ``--threshold`` still moves the surface);
+    * inside it the class is trabecular exactly where :func:`combine_stages` puts label 1 (the
+      endosteal probability is remapped monotonically so ``threshold`` lands on 0.5, and zeroed
+      outside the eroded periosteal mask).
     """
     p = np.asarray(periosteal_prob, dtype=np.float32)
+    peri = np.asarray(periosteal, dtype=bool)
+    # 1e-6 either side of the threshold: ``segment`` thresholds 1 - (1 - p) in float32 (error ~6e-8)
+    t1 = float(periosteal_threshold)
+    up, down = np.float32(t1 + 1e-6), np.float32(t1 - 1e-6)
+    p = np.where(peri, np.maximum(p, up), np.minimum(p, down)).astype(np.float32)
     q = np.asarray(endosteal_prob, dtype=np.float32)
     t = float(min(max(threshold, 1e-6), 1 - 1e-6))
     q = np.where(q < t, 0.5 * q / t, 0.5 + 0.5 * (q - t) / (1 - t)).astype(np.float32)
-    trab = combine_stages(periosteal, np.asarray(endosteal_prob), threshold) == 1
+    trab = combine_stages(peri, np.asarray(endosteal_prob), threshold) == 1
     q = np.where(trab, np.maximum(q, np.float32(0.5) + 1e-6), np.minimum(q, np.float32(0.5) - 1e-6))
     return np.stack([1.0 - p, p * q, p * (1.0 - q)]).astype(np.float32)
 
@@ -961,7 +973,7 @@ def predict_cascade(pred: Any, vol: Any, tta: str = "none") -> np.ndarray:
         pp = predict_probability(p1, sub, tta)
         peri = periosteal_mask(pp, thr1, vol.spacing)
         pe = predict_probability(p2, sub.with_data(stage2_input(img, peri, vol.spacing, dilate_mm, fill_hu)), tta)
-        probs = cascade_probabilities(pp, peri, pe, thr2)
+        probs = cascade_probabilities(pp, peri, pe, thr2, thr1)
         region = box.paste(np.ones(box.shape, bool), fill=0).astype(bool)
         full = box.paste(probs)
         out[:, region] = full[:, region]
