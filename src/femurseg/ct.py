@@ -427,7 +427,9 @@ CASCADE_SCALES: dict[str, dict[str, Any]] = {
     # cost of 12 cases x 40 epochs). On the same 16 held-out phantoms the four fold models trained
     # on 24 cases instead of 12 gave periosteal DSC 0.992 vs 0.987, cortical neck 5.1 vs 7.8 %,
     # head 2.4 vs 5.1 %, cortical total 3.7 vs 5.0 % (README, 2026-11-22). With fewer phantoms,
-    # raise the epochs (``--max-epochs`` / ``--min-epochs``) to keep about 500 steps.
+    # raise the epochs (``--max-epochs`` / ``--min-epochs``) to keep about 500 steps. 64 phantoms
+    # x 10 epochs (the same 480 steps) did not do better than 32 x 20 (held-out cortical neck 5.4
+    # vs 5.1 %, README): at this cost the training length, not the data, is the limit.
     "demo": {
         "model": {"name": "vnet", "features": 8, "levels": 4, "norm": "instance"},
         "preprocess": {"crop_slices": None, "target_size": None, "scale": None, "normalise": "ct",
