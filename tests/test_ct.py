@@ -101,6 +101,90 @@ def test_no_bone_is_an_error():
         ct.find_femurs(np.full((8, 8, 8), 40.0, np.float32), (1.0, 1.0, 1.0))
 
 
+def _write_ct_dataset(root, cases):
+    from femurseg import io
+    from femurseg.data.dataset import CT_LABELS, write_dataset
+
+    vols = []
+    for cid, image, label, spacing in cases:
+        img = io.make_volume(image.astype(np.float32), spacing)
+        vols.append((cid, img, img.with_data(label.astype(np.uint8))))
+    return write_dataset(root, vols, CT_LABELS, "CT")
+
+
+def test_crop_femur_dataset_one_case_per_labelled_femur(tmp_path, bilateral_case):
+    from femurseg import io
+    from femurseg.data.dataset import load_checked
+    from femurseg.data.splits import split_dataset
+
+    c = bilateral_case
+    halves = ct.split_sides(c.label > 0)
+    left_only = np.where(halves["left"], c.label, 0)  # 003: only the left femur labelled
+    src = _write_ct_dataset(tmp_path / "src", [("s01", c.image, c.label, c.spacing),
+                                                ("s02", c.image, left_only, c.spacing),
+                                                ("s03", c.image, c.label, c.spacing)])
+    out = ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+    ids = [x.case_id for x in out.cases]
+    assert ids == ["s01_right", "s01_left", "s02_left", "s03_right", "s03_left"]
+    ds = load_checked(tmp_path / "crops", progress=False)
+    assert ds.modality == "CT" and ct.dataset_femur_crop(tmp_path / "crops") == 15.0
+    assert ct.dataset_femur_crop(src.root) is None
+    full = io.read_image(src.cases[0].image)
+    boxes = {b.side: b for b in ct.femur_boxes(c.image, c.spacing)}
+    for case in ds.cases:
+        side = case.case_id.split("_")[1]
+        img, lab = io.read_image(case.image), io.read_image(case.label, dtype=None)
+        box = boxes[side]
+        assert img.data.shape == box.shape
+        assert np.array_equal(img.data, box.crop(c.image.astype(np.float32), fill=-1024.0))
+        own = halves[side] if case.case_id != "s02_left" else halves["left"]
+        assert np.count_nonzero(lab.data) == np.count_nonzero(own)  # the whole femur, nothing else
+        # the crop sits where it was cut from: its first voxel is the box's start in the scan
+        assert np.allclose(img.affine @ np.r_[0, 0, 0, 1], full.affine @ np.r_[box.start, 1])
+    # both hips of a scan stay in one fold
+    split = split_dataset(ds, 3, 0, "subject")
+    for f in split.folds:
+        assert len({cid.split("_")[0] for cid in f}) * 2 >= len(f)
+    assert {split.fold_of("s01_right")} == {split.fold_of("s01_left")}
+    with pytest.raises(FemursegError, match="not empty"):
+        ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+
+
+def test_crop_femur_dataset_refuses_labels_outside_the_boxes(tmp_path, ct_case):
+    lab = ct_case.label.copy()
+    lab[32, 64, -1] = 2  # a labelled voxel at the image border, far from the femur
+    src = _write_ct_dataset(tmp_path / "src", [("s01", ct_case.image, lab, ct_case.spacing)])
+    with pytest.raises(FemursegError, match="s01: 1 labelled voxels lie outside the femur boxes"):
+        ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+    assert not (tmp_path / "crops").exists() and not (tmp_path / ".crops.partial").exists()
+
+
+def test_predict_crops_every_femur_when_trained_on_crops(monkeypatch, ct_case):
+    """A cascade trained on crop_femur_dataset's crops sees the same box at predict time."""
+    import types
+
+    from femurseg import io
+    from femurseg import predict as predict_mod
+
+    shapes = []
+
+    def fake_probability(pred, vol, tta="none"):
+        shapes.append(vol.data.shape)
+        return np.zeros(vol.data.shape, np.float32)
+
+    monkeypatch.setattr(predict_mod, "predict_probability", fake_probability)
+    stage = types.SimpleNamespace(thresholds={"pr": 0.5})
+    vol = io.make_volume(ct_case.image.astype(np.float32), ct_case.spacing)
+    box = ct.femur_boxes(ct_case.image, ct_case.spacing, margin_mm=10.0)[0]
+    assert box.shape != vol.data.shape  # the phantom's field of view is larger than the box
+    for margin, expected in ((None, vol.data.shape), (10.0, box.shape)):
+        shapes.clear()
+        pred = types.SimpleNamespace(stages=(stage, stage), config={"cascade": {"femur_crop_margin_mm": margin}})
+        probs = ct.predict_cascade(pred, vol)
+        assert probs.shape == (3, *vol.data.shape)
+        assert shapes == [expected, expected]
+
+
 # ----------------------------------------------------------------------------- cascade
 
 

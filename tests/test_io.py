@@ -64,6 +64,36 @@ def test_oblique_direction_round_trip(tmp_path):
     assert np.array_equal(w.data, (v.data > 0.5).astype(np.uint8))
 
 
+@pytest.mark.parametrize("codes", [("P", "I", "L"), ("R", "A", "S"), ("L", "P", "S")])
+def test_crop_volume_keeps_every_voxel_where_it_is(tmp_path, codes):
+    rng = np.random.default_rng(2)
+    data = rng.random((10, 12, 14)).astype(np.float32)
+    v = io.make_volume(data, (1.5, 0.8, 0.7), native_axcodes=codes)
+    c = io.crop_volume(v, (2, -3, 5), (7, 6, 20), fill=-1.0)  # reaches outside rows and columns
+    assert c.data.shape == (5, 9, 15) and c.spacing == v.spacing
+    assert np.array_equal(c.data[:, 3:, :9], data[2:7, 0:6, 5:14])
+    assert np.all(c.data[:, :3] == -1) and np.all(c.data[:, :, 9:] == -1)
+    io.write_volume(tmp_path / "crop.nii.gz", c)
+    back = io.read_image(tmp_path / "crop.nii.gz")
+    assert np.array_equal(back.data, c.data)
+    # the files put every crop voxel where the full image has it (SimpleITK: index -> LPS point)
+    for idx in [(0, 3, 0), (4, 8, 8), (1, 5, 3)]:
+        assert np.allclose(c.affine @ np.r_[idx, 1], v.affine @ np.r_[np.add(idx, (2, -3, 5)), 1])
+    full_img, crop_img = v.to_sitk(), sitk.ReadImage(str(tmp_path / "crop.nii.gz"))
+    crop_arr, full_arr = sitk.GetArrayFromImage(crop_img), sitk.GetArrayFromImage(full_img)
+    hits = 0
+    for ijk in np.ndindex(*crop_img.GetSize()):
+        point = crop_img.TransformIndexToPhysicalPoint(tuple(int(i) for i in ijk))
+        f = full_img.TransformPhysicalPointToIndex(point)
+        if all(0 <= x < n for x, n in zip(f, full_img.GetSize())):
+            assert crop_arr[ijk[::-1]] == full_arr[f[::-1]]
+            hits += 1
+    assert hits == 5 * 6 * 9
+    assert crop_img.GetDirection() == pytest.approx(full_img.GetDirection())
+    with pytest.raises(ValueError, match="empty box"):
+        io.crop_volume(v, (0, 0, 0), (0, 4, 4))
+
+
 def test_dicom_series_read(tmp_path):
     vol = _random_volume()
     write_dicom_series(vol, tmp_path / "dcm")

@@ -81,6 +81,23 @@ def check(
     typer.echo(f"ok: {len(ds.cases)} case(s), labels {ds.labels}, modality {ds.modality}")
 
 
+@app.command("crop-femurs")
+def crop_femurs(
+    dataset: Path = typer.Argument(..., help="CT dataset (labels 1 trabecular, 2 cortical): nnU-Net folder or CSV manifest."),
+    out: Path = typer.Argument(..., help="Output dataset folder: one case <case>_<side> per labelled femur."),
+    margin_mm: float = typer.Option(15.0, help="Margin around each femur's bone-threshold box, mm."),
+    bilateral: Optional[bool] = typer.Option(None, "--bilateral/--unilateral",
+                                             help="Force two hips or one per scan (default: from the shafts' distance)."),
+) -> None:
+    """Crop CT scans to one box per labelled femur, found from the image (for cascade training)."""
+    from femurseg import ct
+
+    ds = ct.crop_femur_dataset(dataset, out, margin_mm=margin_mm, bilateral=bilateral)
+    subjects = len({c.case_id.rsplit("_", 1)[0] for c in ds.cases})
+    typer.echo(f"wrote {len(ds.cases)} femur crops from {subjects} scans to {out} "
+               f"(train with: femurseg cv {out} --task cascade --group-by subject)")
+
+
 @app.command()
 def models(
     features: Optional[int] = typer.Option(None, help="Initial feature maps F (default: each model's own)."),

@@ -14,6 +14,9 @@ and a **left** femur at high ones (``docs/conventions.md``).
   full grid (:meth:`CropBox.paste`), so results of a model run on the crop land on the input
   grid.
 * :func:`split_sides` splits a bilateral femur *mask* into one mask per side.
+* :func:`crop_femur_dataset` (``femurseg crop-femurs``) turns whole CT scans into one training
+  case per labelled femur, cropped to the box :func:`femur_boxes` finds in the image, so a
+  cascade trained on them sees the same boxes at predict time.
 * The **cascade** of paper 003 (section 3.2): a first network segments the whole bone (the
   periosteal region, ``label > 0``), a second one segments the endosteal (trabecular /
   medullary, ``label == 1``) region from the CT restricted to the first one's result
@@ -375,6 +378,112 @@ def split_sides(mask: np.ndarray, spacing: Sequence[float] | None = None, min_fr
     cols = np.arange(m.shape[2])[None, None, :]
     rest = m & (lab != a) & (lab != b)
     return {"right": (lab == right) | (rest & (cols < mid)), "left": (lab == left) | (rest & (cols >= mid))}
+
+
+#: Key in ``dataset.json["femurseg"]`` of a dataset written by :func:`crop_femur_dataset`.
+FEMUR_CROP_KEY = "femur_crop"
+
+
+def crop_femur_dataset(dataset: str | Path, out: str | Path, *, margin_mm: float = 15.0, bilateral: bool | None = None,
+                       progress: bool = True) -> Any:
+    """``femurseg crop-femurs DATASET OUT``: one case per *labelled* femur, cropped to its box.
+
+    Whole CT scans (512 x 512 slices, both hips) are too large to train a 3D network on whole
+    volumes and hold femurs that may not be labelled (003 labelled the left femur only and cropped
+    every scan to 192 x 192 around it by hand). For each scan this finds the femurs from the image
+    alone (:func:`femur_boxes`: coarse bone threshold, per side, ``margin_mm`` around each) and
+    writes each box whose label holds bone as a case ``<case>_<side>`` (image and label cropped
+    with their geometry: the crops overlay the scan in a viewer); a box without labelled bone (an
+    unlabelled femur) is skipped. Because the boxes come from the image, ``femurseg predict`` finds
+    the same boxes on a new scan: a cascade trained on this dataset records ``margin_mm``
+    (``dataset.json``, key :data:`FEMUR_CROP_KEY`) and predicts every femur in its box.
+
+    Writes, besides the nnU-Net layout: ``subjects.csv`` (``case,subject``: the source scan, so
+    ``femurseg cv --group-by subject`` keeps both hips of a scan in one fold; the side is the
+    stratum) and ``crops.csv`` (each crop's source case, side and canonical box).
+
+    Raises:
+        FemursegError: not a CT dataset with labels 1 and 2; ``out`` exists and is not empty; no
+            femur found in a scan; labelled voxels outside every box (raise ``margin_mm``).
+    """
+    from tqdm import tqdm
+
+    from femurseg import io
+    from femurseg.data.dataset import load_checked, write_dataset
+    from femurseg.errors import atomic_path
+    from femurseg.tables import write_csv
+
+    if margin_mm < 0:
+        raise FemursegError(f"--margin-mm: must be >= 0, got {margin_mm}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FemursegError(f"{out}: output folder exists and is not empty")
+    if not out.parent.is_dir():
+        raise FemursegError(f"{out}: parent folder {out.parent} does not exist")
+    ds = load_checked(dataset, progress=False)
+    _check_ct_dataset(ds, str(dataset))
+    crops: list[dict[str, Any]] = []
+    groups: dict[str, str] = {}
+
+    def volumes() -> Any:
+        for case in tqdm(ds.cases, desc="crop femurs", unit="case", disable=not progress):
+            vol = io.read_image(case.image)
+            lab = io.read_image(case.label, dtype=None)
+            try:
+                boxes = femur_boxes(vol.data, vol.spacing, margin_mm=margin_mm, bilateral=bilateral)
+            except FemursegError as e:
+                raise FemursegError(f"{case.case_id}: {e}") from None
+            total, covered = int(np.count_nonzero(lab.data)), 0
+            for box in boxes:
+                lc = io.crop_volume(lab, box.start, box.stop, 0)
+                n = int(np.count_nonzero(lc.data))
+                if n == 0:
+                    continue
+                covered += n
+                cid = f"{case.case_id}_{box.side}"
+                groups[cid] = box.side
+                crops.append({"case": cid, "subject": case.case_id, "side": box.side,
+                              "start": " ".join(map(str, box.start)), "stop": " ".join(map(str, box.stop))})
+                yield cid, io.crop_volume(vol, box.start, box.stop, -1024.0), lc
+            if covered < total:
+                raise FemursegError(f"{case.case_id}: {total - covered} labelled voxels lie outside the femur boxes "
+                                    f"found in the image (margin {margin_mm:g} mm); raise --margin-mm, or check the label")
+
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        cropped = write_dataset(tmp, volumes(), ds.labels, "CT", groups, name=f"{Path(dataset).name}-femur-crops")
+        if not crops:
+            raise FemursegError(f"{dataset}: no labelled femur found in any scan")
+        meta = json.loads((tmp / "dataset.json").read_text())
+        meta["femurseg"][FEMUR_CROP_KEY] = {"margin_mm": float(margin_mm), "source": str(Path(dataset).resolve())}
+        with atomic_path(tmp / "dataset.json") as t:
+            t.write_text(json.dumps(meta, indent=2))
+        write_csv([{"case": c["case"], "subject": c["subject"]} for c in crops], tmp / "subjects.csv", ["case", "subject"])
+        write_csv(crops, tmp / "crops.csv", ["case", "subject", "side", "start", "stop"])
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for c in cropped.cases:
+        c.image = out / c.image.relative_to(tmp)
+        c.label = out / c.label.relative_to(tmp) if c.label else None
+    cropped.root = out
+    return cropped
+
+
+def dataset_femur_crop(dataset: str | Path) -> float | None:
+    """The ``margin_mm`` a dataset was cropped with (:func:`crop_femur_dataset`), else None."""
+    p = Path(dataset) / "dataset.json"
+    if not p.is_file():
+        return None
+    try:
+        entry = json.loads(p.read_text()).get("femurseg", {}).get(FEMUR_CROP_KEY)
+    except (OSError, ValueError):
+        return None
+    return float(entry["margin_mm"]) if isinstance(entry, dict) and "margin_mm" in entry else None
 
 
 # ----------------------------------------------------------------------------- cascade (paper 003)
@@ -765,6 +874,8 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
             "scale": scale, "stage_configs": cfgs,
             "cascade": {"dilate_mm": float(dilate_mm), "fill_hu": float(fill_hu), "stages": names1 + names2,
                         "seeds": n_seeds, "stage2_mask": stage2_mask,
+                        # trained on per-femur crops (crop_femur_dataset): predict crops every femur alike
+                        "femur_crop_margin_mm": dataset_femur_crop(dataset),
                         "stage2_training_mask": ("stage-1 out-of-fold prediction (PR threshold, " + PERIOSTEAL_POSTPROCESS + ")"
                                                  if stage2_mask == "oof" else "reference periosteal region"),
                         "stage2_evaluation_mask": "stage-1 out-of-fold prediction (PR threshold, " + PERIOSTEAL_POSTPROCESS + ")"},
@@ -946,7 +1057,9 @@ def predict_cascade(pred: Any, vol: Any, tta: str = "none") -> np.ndarray:
     trabecular, cortical) on its grid, for :func:`femurseg.predict.segment`.
 
     Warns (stderr) when the image does not look like HU. A bilateral scan (two femurs found by
-    :func:`find_femurs`) is run per femur crop box (:func:`femur_boxes`) and pasted back; the
+    :func:`find_femurs`) is run per femur crop box (:func:`femur_boxes`) and pasted back, and so is
+    every scan when the cascade was trained on per-femur crops (:func:`crop_femur_dataset`, same
+    margin); the
     periosteal mask of each is :func:`periosteal_mask` of stage 1's probability at its PR threshold.
     Note that ``predict``'s default ``lcc`` post-processing keeps one femur: use
     ``--postprocess none`` for bilateral scans.
@@ -965,11 +1078,13 @@ def predict_cascade(pred: Any, vol: Any, tta: str = "none") -> np.ndarray:
 
         print(f"femurseg: warning: {w.message}", file=sys.stderr)
     thr1, thr2 = float(p1.thresholds.get("pr", 0.5)), float(p2.thresholds.get("pr", 0.5))
+    margin = opts.get("femur_crop_margin_mm")
     try:
-        boxes = femur_boxes(vol.data, vol.spacing)
+        boxes = femur_boxes(vol.data, vol.spacing, **({} if margin is None else {"margin_mm": float(margin)}))
     except FemursegError:
         boxes = []
-    if len(boxes) < 2:
+    if len(boxes) < 2 and (margin is None or not boxes):
+        # whole volume: a model trained on whole scans, or no femur found by the bone threshold
         boxes = [CropBox("", (0, 0, 0), tuple(vol.data.shape), tuple(vol.data.shape))]
     out = np.zeros((3, *vol.data.shape), np.float32)
     out[0] = 1.0

@@ -313,6 +313,29 @@ def write_like(path: str | os.PathLike, data: np.ndarray, like: Volume, dtype: n
     return p
 
 
+def crop_volume(vol: Volume, start: tuple[int, int, int], stop: tuple[int, int, int], fill: float = 0) -> Volume:
+    """The canonical box ``[start, stop)`` of ``vol`` as a :class:`Volume` of its own.
+
+    The box may reach outside the image (those voxels are ``fill``). The crop keeps the native
+    axis order, direction cosines and spacing, and its origin is moved so that every voxel stays
+    at its physical position: written out, it overlays the original scan in 3D Slicer or ITK-SNAP.
+    """
+    shape = tuple(int(b - a) for a, b in zip(start, stop))
+    if min(shape) < 1:
+        raise ValueError(f"crop_volume: empty box {tuple(start)}..{tuple(stop)}")
+    data = np.full(shape, fill, dtype=vol.data.dtype)
+    src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(start, stop, vol.data.shape))
+    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start))
+    if all(s.stop > s.start for s in src):
+        data[dst] = vol.data[src]
+    aff = vol.affine.copy()  # canonical index -> RAS
+    aff[:3, 3] = aff[:3, :3] @ np.asarray(start, float) + aff[:3, 3]
+    to_native = nio.ornt_transform(nio.axcodes2ornt(CANONICAL_AXCODES), nio.io_orientation(vol.geometry.numpy_affine()))
+    native = nio.apply_orientation(data, to_native)
+    geometry = Geometry.from_numpy_affine(aff @ nio.inv_ornt_aff(to_native, shape), native.shape)
+    return Volume(data, vol.spacing, geometry, _orientation(geometry), vol.source)
+
+
 def write_volume(path: str | os.PathLike, vol: Volume, dtype: np.dtype | type | None = None) -> Path:
     """Write a :class:`Volume` with its own geometry."""
     return write_like(path, vol.data, vol, dtype)
