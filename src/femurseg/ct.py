@@ -409,17 +409,11 @@ def crop_femur_dataset(dataset: str | Path, out: str | Path, *, margin_mm: float
     from tqdm import tqdm
 
     from femurseg import io
-    from femurseg.data.dataset import load_checked, write_dataset
-    from femurseg.errors import atomic_path
+    from femurseg.data.dataset import build_dataset, load_checked, write_dataset
     from femurseg.tables import write_csv
 
     if margin_mm < 0:
         raise FemursegError(f"--margin-mm: must be >= 0, got {margin_mm}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FemursegError(f"{out}: output folder exists and is not empty")
-    if not out.parent.is_dir():
-        raise FemursegError(f"{out}: parent folder {out.parent} does not exist")
     ds = load_checked(dataset, progress=False)
     _check_ct_dataset(ds, str(dataset))
     crops: list[dict[str, Any]] = []
@@ -449,30 +443,17 @@ def crop_femur_dataset(dataset: str | Path, out: str | Path, *, margin_mm: float
                 raise FemursegError(f"{case.case_id}: {total - covered} labelled voxels lie outside the femur boxes "
                                     f"found in the image (margin {margin_mm:g} mm); raise --margin-mm, or check the label")
 
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        cropped = write_dataset(tmp, volumes(), ds.labels, "CT", groups, name=f"{Path(dataset).name}-femur-crops")
+    def build(tmp: Path) -> Any:
+        extras = {FEMUR_CROP_KEY: {"margin_mm": float(margin_mm), "source": str(Path(dataset).resolve())}}
+        cropped = write_dataset(tmp, volumes(), ds.labels, "CT", groups, name=f"{Path(dataset).name}-femur-crops",
+                                extras=extras)
         if not crops:
             raise FemursegError(f"{dataset}: no labelled femur found in any scan")
-        meta = json.loads((tmp / "dataset.json").read_text())
-        meta["femurseg"][FEMUR_CROP_KEY] = {"margin_mm": float(margin_mm), "source": str(Path(dataset).resolve())}
-        with atomic_path(tmp / "dataset.json") as t:
-            t.write_text(json.dumps(meta, indent=2))
         write_csv([{"case": c["case"], "subject": c["subject"]} for c in crops], tmp / "subjects.csv", ["case", "subject"])
         write_csv(crops, tmp / "crops.csv", ["case", "subject", "side", "start", "stop"])
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for c in cropped.cases:
-        c.image = out / c.image.relative_to(tmp)
-        c.label = out / c.label.relative_to(tmp) if c.label else None
-    cropped.root = out
-    return cropped
+        return cropped
 
+    return build_dataset(out, build)
 
 def dataset_femur_crop(dataset: str | Path) -> float | None:
     """The ``margin_mm`` a dataset was cropped with (:func:`crop_femur_dataset`), else None."""

@@ -25,7 +25,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,8 +237,12 @@ def write_dataset(
     modality: str = "MR",
     groups: dict[str, str] | None = None,
     name: str = "femurseg",
+    extras: dict | None = None,
 ) -> Dataset:
-    """Write ``(case_id, image, label)`` volumes as an nnU-Net v2 dataset folder."""
+    """Write ``(case_id, image, label)`` volumes as an nnU-Net v2 dataset folder.
+
+    ``extras`` are added to ``dataset.json["femurseg"]`` (where femurseg keeps its own keys).
+    """
     root = Path(root)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -255,8 +260,37 @@ def write_dataset(
         "labels": labels,
         "numTraining": len(written),
         "file_ending": ".nii.gz",
-        "femurseg": {"modality": modality.upper(), "groups": groups},
+        "femurseg": {"modality": modality.upper(), "groups": groups, **(extras or {})},
     }
     with atomic_path(root / "dataset.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return Dataset(root, written, labels, modality.upper())
+
+
+def build_dataset(out: str | os.PathLike, build: Callable[[Path], Dataset]) -> Dataset:
+    """Create the dataset folder ``out`` atomically and return it.
+
+    ``build(tmp)`` writes the dataset into a hidden folder beside ``out`` (``.<name>.partial``),
+    which is renamed to ``out`` once ``build`` returns; if it raises or is interrupted, nothing is
+    left. ``out`` must not exist or be an empty folder.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FemursegError(f"{out}: output folder exists and is not empty")
+    if not out.parent.is_dir():
+        raise FemursegError(f"{out}: parent folder {out.parent} does not exist")
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds = build(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for c in ds.cases:
+        c.image = out / c.image.relative_to(tmp)
+        c.label = out / c.label.relative_to(tmp) if c.label else None
+    ds.root = out
+    return ds

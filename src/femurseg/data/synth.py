@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from femurseg import io
 from femurseg.data import phantom
-from femurseg.data.dataset import CT_LABELS, MR_LABELS, Dataset, write_dataset
+from femurseg.data.dataset import CT_LABELS, MR_LABELS, Dataset, build_dataset, write_dataset
 from femurseg.errors import FemursegError
 
 
@@ -38,13 +37,6 @@ def synthesize(
     modality = modality.lower()
     if modality not in ("mr", "ct"):
         raise FemursegError(f"--modality: expected 'mr' or 'ct', got {modality!r}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FemursegError(f"{out}: output folder exists and is not empty")
-    if not out.parent.is_dir():
-        raise FemursegError(f"{out}: parent folder {out.parent} does not exist")
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
     kwargs = {}
     if shape is not None:
         kwargs["shape"] = tuple(shape)
@@ -65,23 +57,15 @@ def synthesize(
             img = io.make_volume(case.image.astype(np.float32), case.spacing)
             yield cid, img, img.with_data(case.label.astype(np.uint8))
 
-    try:
+    def build(tmp: Path) -> Dataset:
         ds = write_dataset(tmp, volumes(), CT_LABELS if modality == "ct" else MR_LABELS, modality.upper(), groups,
                            name=f"femurseg-phantom-{modality}-seed{seed}")
         (tmp / "meta.json").write_text(json.dumps(metas, indent=1))
         if preview:
             _preview(first, tmp / "preview.png")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for c in ds.cases:
-        c.image = out / c.image.relative_to(tmp)
-        c.label = out / c.label.relative_to(tmp) if c.label else None
-    ds.root = out
-    return ds
+        return ds
+
+    return build_dataset(out, build)
 
 
 def _preview(cases: list, path: Path) -> None:
