@@ -194,11 +194,10 @@ def _infer_options(config: dict[str, Any]) -> dict[str, Any]:
 def _train_spacing(config: dict[str, Any]) -> tuple[float, float, float] | None:
     """The training data's typical voxel spacing (mm, canonical A, I, L axes), if the run recorded it.
 
-    Read from ``config["train_spacing"]``.
+    Read from ``config["train_spacing"]`` (the median over the training cases,
+    :func:`femurseg.cv.train_spacing`); runs made before it was recorded have none, and predict
+    cannot warn about a spacing mismatch for them.
     """
-    # NOTE for cv.py (training engineer): please record the median canonical spacing of the
-    # training cases as config["train_spacing"] = [s_ap, s_si, s_lr] (prepare_cases has every
-    # vol.spacing); until then runs have none and predict cannot warn about a spacing mismatch.
     v = config.get("train_spacing")
     if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and x > 0 for x in v):
         return tuple(float(x) for x in v)  # type: ignore[return-value]
