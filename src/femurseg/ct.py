@@ -455,6 +455,7 @@ def crop_femur_dataset(dataset: str | Path, out: str | Path, *, margin_mm: float
 
     return build_dataset(out, build)
 
+
 def dataset_femur_crop(dataset: str | Path) -> float | None:
     """The ``margin_mm`` a dataset was cropped with (:func:`crop_femur_dataset`), else None."""
     p = Path(dataset) / "dataset.json"
@@ -519,7 +520,7 @@ CASCADE_SCALES: dict[str, dict[str, Any]] = {
     # head 2.4 vs 5.1 %, cortical total 3.7 vs 5.0 % (README, 2026-11-22). With fewer phantoms,
     # raise the epochs (``--max-epochs`` / ``--min-epochs``) to keep about 500 steps. 64 phantoms
     # x 10 epochs (the same 480 steps) did not do better than 32 x 20 (held-out cortical neck 5.4
-    # vs 5.1 %, README): at this cost the training length, not the data, is the limit.
+    # vs 5.1 %, README); whether 64 phantoms trained longer would is not measured.
     "demo": {
         "model": {"name": "vnet", "features": 8, "levels": 4, "norm": "instance"},
         "preprocess": {"crop_slices": None, "target_size": None, "scale": None, "normalise": "ct",
@@ -1040,8 +1041,8 @@ def predict_cascade(pred: Any, vol: Any, tta: str = "none") -> np.ndarray:
     Warns (stderr) when the image does not look like HU. A bilateral scan (two femurs found by
     :func:`find_femurs`) is run per femur crop box (:func:`femur_boxes`) and pasted back, and so is
     every scan when the cascade was trained on per-femur crops (:func:`crop_femur_dataset`, same
-    margin); the
-    periosteal mask of each is :func:`periosteal_mask` of stage 1's probability at its PR threshold.
+    margin); the periosteal mask of each is :func:`periosteal_mask` of stage 1's probability at its
+    PR threshold.
     Note that ``predict``'s default ``lcc`` post-processing keeps one femur: use
     ``--postprocess none`` for bilateral scans.
     """
