@@ -150,6 +150,26 @@ def test_crop_femur_dataset_one_case_per_labelled_femur(tmp_path, bilateral_case
         ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
 
 
+def test_cascade_on_crops_warns_when_hips_may_split(tmp_path, bilateral_case, monkeypatch, capsys):
+    from femurseg import cv
+
+    c = bilateral_case
+    src = _write_ct_dataset(tmp_path / "src", [(f"s0{i}", c.image, c.label, c.spacing) for i in range(2)])
+    ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(cv, "run_cv", no_training)
+    for group_by, warned in (("case", True), ("subject", False)):
+        with pytest.raises(Stop):
+            ct.run_cascade_cv(tmp_path / "crops", tmp_path / f"run_{group_by}", folds=2, group_by=group_by, progress=False)
+        assert ("two hips of one scan may land in different folds" in capsys.readouterr().err) is warned
+
+
 def test_crop_femur_dataset_refuses_labels_outside_the_boxes(tmp_path, ct_case):
     lab = ct_case.label.copy()
     lab[32, 64, -1] = 2  # a labelled voxel at the image border, far from the femur

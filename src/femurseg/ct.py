@@ -845,6 +845,12 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
         cfgs = config["stage_configs"]
         split = load_split(out / "split.json", ds)
     else:
+        if split_file is None and group_by == "case" and dataset_femur_crop(dataset) is not None:
+            import sys
+
+            print(f"femurseg: warning: {dataset} holds per-femur crops (femurseg crop-femurs): with --group-by case "
+                  "the two hips of one scan may land in different folds; --group-by subject keeps them together",
+                  file=sys.stderr)
         split = load_split(split_file, ds) if split_file is not None else split_dataset(ds, folds, seed, group_by)
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
         out.mkdir(parents=True, exist_ok=True)
