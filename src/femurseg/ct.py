@@ -441,11 +441,12 @@ def crop_femur_dataset(dataset: str | Path, out: str | Path, *, margin_mm: float
                 yield cid, io.crop_volume(vol, box.start, box.stop, -1024.0), lc
             if covered < total:
                 raise FemursegError(f"{case.case_id}: {total - covered} labelled voxels lie outside the femur boxes "
-                                    f"found in the image (margin {margin_mm:g} mm); raise --margin-mm, or check the label")
+                                    f"found in the image (margin {margin_mm:g} mm); raise --margin-mm, pass --bilateral if "
+                                    f"the scan holds both hips, or check the label")
 
     def build(tmp: Path) -> Any:
         extras = {FEMUR_CROP_KEY: {"margin_mm": float(margin_mm), "source": str(Path(dataset).resolve())}}
-        cropped = write_dataset(tmp, volumes(), ds.labels, "CT", groups, name=f"{Path(dataset).name}-femur-crops",
+        cropped = write_dataset(tmp, volumes(), ds.labels, "CT", groups, name=f"{Path(dataset).stem}-femur-crops",
                                 extras=extras)
         if not crops:
             raise FemursegError(f"{dataset}: no labelled femur found in any scan")
