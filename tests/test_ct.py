@@ -179,6 +179,37 @@ def test_crop_femur_dataset_refuses_labels_outside_the_boxes(tmp_path, ct_case):
     assert not (tmp_path / "crops").exists() and not (tmp_path / ".crops.partial").exists()
 
 
+def test_cascade_trained_on_crops_segments_a_whole_bilateral_scan(tmp_path):
+    """Whole scans -> crop-femurs -> cascade cv -> predict on a whole scan: labels land in the
+    femur boxes of the scan, on its grid and geometry (1 epoch: the mask itself is not judged)."""
+    from femurseg import io
+    from femurseg.cli import app
+    from femurseg.predict import load_predictor, outputs_for, predict_file
+    from typer.testing import CliRunner
+
+    cases = []
+    for i in range(2):
+        c = phantom.generate_case(i, modality="ct", bilateral=True, shape=(32, 64, 160), artefacts=False)
+        cases.append((f"scan{i}", c.image, c.label, c.spacing))
+    src = _write_ct_dataset(tmp_path / "src", cases)
+    res = CliRunner().invoke(app, ["crop-femurs", str(src.root), str(tmp_path / "crops")])
+    assert res.exit_code == 0 and "wrote 4 femur crops from 2 scans" in res.output
+    ct.run_cascade_cv(tmp_path / "crops", tmp_path / "run", folds=2, group_by="subject",
+                      model_cfg={"features": 4, "levels": 2},
+                      train_cfg={"max_epochs": 1, "min_epochs": 0, "patience": 1}, progress=False)
+    pred = load_predictor(tmp_path / "run", device="cpu")
+    assert pred.config["cascade"]["femur_crop_margin_mm"] == 15.0
+    out = predict_file(pred, src.cases[0].image, outputs_for(tmp_path / "seg.nii.gz"), postprocess="none",
+                       notify=lambda m: None)
+    seg, scan = io.read_image(out.outputs.mask, dtype=None), io.read_image(src.cases[0].image)
+    assert seg.data.shape == scan.data.shape and np.allclose(seg.affine, scan.affine)
+    inside = np.zeros(scan.data.shape, bool)
+    for box in ct.femur_boxes(scan.data, scan.spacing):
+        inside |= box.paste(np.ones(box.shape, bool), fill=0).astype(bool)
+    assert not inside.all() and np.count_nonzero(seg.data[~inside]) == 0
+    assert np.count_nonzero(seg.data[inside]) > 0
+
+
 def test_predict_crops_every_femur_when_trained_on_crops(monkeypatch, ct_case):
     """A cascade trained on crop_femur_dataset's crops sees the same box at predict time."""
     import types
