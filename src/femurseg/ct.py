@@ -43,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from femurseg.errors import FemursegError
+from femurseg.io import box_slices, crop_array
 
 BONE_THRESHOLD_HU = 200.0
 """Coarse bone threshold: cortical and dense trabecular bone are above it, soft tissue below."""
@@ -133,23 +134,13 @@ class CropBox:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(b - a) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
 
-    def _parts(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-        src, dst = [], []
-        for a, b, n in zip(self.start, self.stop, self.full_shape):
-            lo, hi = max(a, 0), min(b, n)
-            src.append(slice(lo, hi))
-            dst.append(slice(lo - a, hi - a))
-        return tuple(src), tuple(dst)
-
     def crop(self, arr: np.ndarray, fill: float = 0) -> np.ndarray:
         """The box of ``arr`` (``(..., *full_shape)``), padded with ``fill`` outside the image,
         mirrored if ``self.mirrored``."""
         a = np.asarray(arr)
         if tuple(a.shape[-3:]) != tuple(self.full_shape):
             raise FemursegError(f"crop: array shape {a.shape[-3:]} differs from the box's image {self.full_shape}")
-        src, dst = self._parts()
-        out = np.full(a.shape[:-3] + self.shape, fill, dtype=a.dtype)
-        out[(Ellipsis, *dst)] = a[(Ellipsis, *src)]
+        out = crop_array(a, self.start, self.stop, fill)
         if self.mirrored:
             out = out[..., ::-1]
         return np.ascontiguousarray(out)
@@ -167,7 +158,7 @@ class CropBox:
             c = c[..., ::-1]
         if out is None:
             out = np.full(c.shape[:-3] + tuple(self.full_shape), fill, dtype=c.dtype)
-        src, dst = self._parts()
+        src, dst = box_slices(self.start, self.stop, self.full_shape)
         out[(Ellipsis, *src)] = c[(Ellipsis, *dst)]
         return out
 
@@ -641,7 +632,6 @@ def prepare_cascade_data(ds: Any, data_dir: str | Path, stage: int, *, dilate_mm
 
     Existing files are kept (resume).
     """
-    from pathlib import Path as _P
 
     from tqdm import tqdm
 
@@ -649,19 +639,19 @@ def prepare_cascade_data(ds: Any, data_dir: str | Path, stage: int, *, dilate_mm
 
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
-    d = _P(data_dir)
+    d = Path(data_dir)
     oof = stage == 2 and stage1_run is not None
     lab_dir = d / ("stage1_labels" if stage == 1 else "stage2_labels")
     img_dir = None if stage == 1 else d / ("stage2_images_oof" if oof else "stage2_images")
     for sub in (lab_dir, img_dir):
         if sub is not None:
             sub.mkdir(parents=True, exist_ok=True)
-    thr1 = _stage_threshold(_P(stage1_run)) if oof else None
+    thr1 = _stage_threshold(Path(stage1_run)) if oof else None
     rows = []
     for case in tqdm(ds.cases, desc=f"cascade data, stage {stage}", unit="case", disable=not progress, leave=False):
         cid = case.case_id
         lab_path = lab_dir / f"{cid}.nii.gz"
-        img_path = _P(case.image) if img_dir is None else img_dir / f"{cid}.nii.gz"
+        img_path = Path(case.image) if img_dir is None else img_dir / f"{cid}.nii.gz"
         if not (lab_path.exists() and img_path.exists()):
             lab = io.read_image(case.label, dtype=None)
             ref = np.asarray(lab.data)
@@ -805,15 +795,13 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
     Returns:
         The cascade summary (also ``RUN/cascade_summary.json``), or the run config if not evaluated.
     """
-    import json as _json
-    from pathlib import Path as _P
 
     from femurseg.cv import run_cv
     from femurseg.data.dataset import load_checked
     from femurseg.data.splits import load_split, split_dataset
     from femurseg.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, environment, now_iso, prepare_run_dir, write_json
 
-    out = _P(out)
+    out = Path(out)
     ds = load_checked(dataset, progress=progress)
     _check_ct_dataset(ds, str(dataset))
     if dilate_mm < 0:
@@ -824,7 +812,7 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
     resuming = resume and (out / CONFIG_NAME).exists()
     had = 1  # seeds already in the run
     if resuming:
-        config = _json.loads((out / CONFIG_NAME).read_text())
+        config = json.loads((out / CONFIG_NAME).read_text())
         if config.get("task") != CASCADE_TASK:
             raise FemursegError(f"{out}: not a cascade run (task {config.get('task')!r})")
         opts = config["cascade"]
@@ -858,7 +846,7 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
         split.save(out / "split.json")
         config = {
             "format": RUN_FORMAT, "version": RUN_VERSION, "kind": "cv", "task": CASCADE_TASK,
-            "dataset": str(_P(dataset).resolve()), "modality": ds.modality, "labels": ds.labels,
+            "dataset": str(Path(dataset).resolve()), "modality": ds.modality, "labels": ds.labels,
             "cases": [c.case_id for c in ds.cases], "k": split.k, "seed": seed, "group_by": split.group_by,
             "scale": scale, "stage_configs": cfgs,
             "cascade": {"dilate_mm": float(dilate_mm), "fill_hu": float(fill_hu), "stages": names1 + names2,
@@ -889,11 +877,10 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
 
 
 def _stage_threshold(run_dir: Path) -> float:
-    import json as _json
 
     p = run_dir / "thresholds.json"
     if p.exists():
-        v = _json.loads(p.read_text()).get("pr")
+        v = json.loads(p.read_text()).get("pr")
         if isinstance(v, (int, float)):
             return float(v)
     return 0.5
@@ -916,8 +903,6 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     applied to the prediction (each voxel in the region of the nearest reference bone voxel:
     the segmentation error alone, without the region fit's own variability).
     """
-    import json as _json
-    from pathlib import Path as _P
 
     from tqdm import tqdm
 
@@ -928,8 +913,8 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     from femurseg.predict import load_predictor, predict_probability
     from femurseg.run import load_run, write_json
 
-    run_dir = _P(run_dir)
-    config = _json.loads((run_dir / "config.json").read_text())
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
     opts = config["cascade"]
     ds = load_checked(dataset or config["dataset"], progress=False)
     names1, names2 = stage_names(int(opts.get("seeds", 1)))
@@ -1014,7 +999,6 @@ def load_cascade_predictor(run: Any, folds: str | int | None = "all", engine: st
     seeds ensembles every seed's fold models per stage, at the thresholds its evaluation took on
     the seed-averaged out-of-fold maps (``cascade_summary.json``)."""
     import dataclasses
-    import json as _json
 
     from femurseg.predict import _stderr_notice, load_predictor
 
@@ -1029,7 +1013,7 @@ def load_cascade_predictor(run: Any, folds: str | int | None = "all", engine: st
         if not summary.exists():
             raise FemursegError(f"{run.path}: a cascade with {seeds} seeds needs its evaluation "
                                 f"(cascade_summary.json: the ensemble's thresholds); rerun with --resume")
-        thr = float(_json.loads(summary.read_text())["thresholds"][key])
+        thr = float(json.loads(summary.read_text())["thresholds"][key])
         return dataclasses.replace(ps[0], models=[m for p in ps for m in p.models], folds=[f for p in ps for f in p.folds],
                                    thresholds={**ps[0].thresholds, "pr": thr})
 
@@ -1177,9 +1161,8 @@ def run_cascade_experiment(dataset: str | Path, out: str | Path, *, scale: str =
     error per region: 003 Table 2) and ``DIR/report.txt``; returns the report text. ``seeds``:
     as :func:`run_cascade_cv` (rerun an existing study with a larger ``seeds`` to add seeds).
     """
-    from pathlib import Path as _P
 
-    outp = _P(out)
+    outp = Path(out)
     if outp.exists() and not outp.is_dir():
         raise FemursegError(f"{outp}: exists and is not a folder")
     if not outp.parent.is_dir():
@@ -1202,11 +1185,10 @@ def run_cascade_experiment(dataset: str | Path, out: str | Path, *, scale: str =
 
 def describe_cascade(scale: str = "demo") -> str:
     """What ``femurseg experiment ct --dry-run`` prints: the two stages' configs at ``scale``."""
-    import json as _json
 
     cfgs = cascade_configs(scale)
     lines = [f"CT cascade (paper 003), scale {scale}: stage 1 periosteal (label > 0) from the CT, stage 2 endosteal "
              "(label == 1) from the CT masked with the periosteal region (dilated 1 mm, -1024 HU outside); "
              "the same settings for both stages:"]
-    lines += [f"  {k}: {_json.dumps(v)}" for k, v in cfgs.items()]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in cfgs.items()]
     return "\n".join(lines)

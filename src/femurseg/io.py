@@ -28,6 +28,7 @@ utilities do the axis bookkeeping.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,6 +314,31 @@ def write_like(path: str | os.PathLike, data: np.ndarray, like: Volume, dtype: n
     return p
 
 
+def box_slices(start: Sequence[int], stop: Sequence[int], shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The part of the box ``[start, stop)`` inside an image of ``shape``: its slices in the
+    image and in the box (the box may reach outside the image on any side)."""
+    src, dst = [], []
+    for a, b, n in zip(start, stop, shape):
+        lo, hi = min(max(a, 0), n), max(min(b, n), 0)
+        hi = max(hi, lo)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - a, hi - a))
+    return tuple(src), tuple(dst)
+
+
+def crop_array(arr: np.ndarray, start: Sequence[int], stop: Sequence[int], fill: float = 0) -> np.ndarray:
+    """The box ``[start, stop)`` over the last three axes of ``arr`` (``(..., X, Y, Z)``), as a
+    new array; the part of the box outside the image is ``fill``."""
+    shape = tuple(int(b - a) for a, b in zip(start, stop))
+    if min(shape) < 1:
+        raise ValueError(f"crop: empty box {tuple(start)}..{tuple(stop)}")
+    a = np.asarray(arr)
+    src, dst = box_slices(start, stop, a.shape[-3:])
+    out = np.full(a.shape[:-3] + shape, fill, dtype=a.dtype)
+    out[(Ellipsis, *dst)] = a[(Ellipsis, *src)]
+    return out
+
+
 def crop_volume(vol: Volume, start: tuple[int, int, int], stop: tuple[int, int, int], fill: float = 0) -> Volume:
     """The canonical box ``[start, stop)`` of ``vol`` as a :class:`Volume` of its own.
 
@@ -320,14 +346,8 @@ def crop_volume(vol: Volume, start: tuple[int, int, int], stop: tuple[int, int, 
     axis order, direction cosines and spacing, and its origin is moved so that every voxel stays
     at its physical position: written out, it overlays the original scan in 3D Slicer or ITK-SNAP.
     """
-    shape = tuple(int(b - a) for a, b in zip(start, stop))
-    if min(shape) < 1:
-        raise ValueError(f"crop_volume: empty box {tuple(start)}..{tuple(stop)}")
-    data = np.full(shape, fill, dtype=vol.data.dtype)
-    src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(start, stop, vol.data.shape))
-    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start))
-    if all(s.stop > s.start for s in src):
-        data[dst] = vol.data[src]
+    data = crop_array(vol.data, start, stop, fill)
+    shape = data.shape
     aff = vol.affine.copy()  # canonical index -> RAS
     aff[:3, 3] = aff[:3, :3] @ np.asarray(start, float) + aff[:3, 3]
     to_native = nio.ornt_transform(nio.axcodes2ornt(CANONICAL_AXCODES), nio.io_orientation(vol.geometry.numpy_affine()))
