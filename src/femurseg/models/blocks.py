@@ -59,6 +59,16 @@ def check_dropout(value: object) -> None:
         raise ModelConfigError(f"model config: dropout={value!r} must be a number in [0, 1)")
 
 
+def check_common(*, norm: str, init: str, dropout: object, **positive_ints: object) -> None:
+    """The checks every network's constructor makes: ``norm`` in :data:`NORMS`, ``init`` in
+    :data:`INITS`, ``dropout`` in [0, 1), and each keyword in ``positive_ints`` an int >= 1."""
+    check_choice("norm", norm, NORMS)
+    check_choice("init", init, INITS)
+    for what, value in positive_ints.items():
+        check_positive_int(what, value)
+    check_dropout(dropout)
+
+
 def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int) -> None:
     """Raise :class:`ModelConfigError` unless ``x`` is ``(B, in_channels, *S)`` with len(S) = spatial_dims."""
     if x.dim() != spatial_dims + 2 or x.shape[1] != in_channels:

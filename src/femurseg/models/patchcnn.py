@@ -29,14 +29,10 @@ import torch
 from torch import nn
 
 from femurseg.models.blocks import (
-    INITS,
-    NORMS,
     ConvBlock,
     ModelConfigError,
-    check_choice,
-    check_dropout,
+    check_common,
     check_input,
-    check_positive_int,
     init_weights,
 )
 
@@ -60,14 +56,10 @@ class PatchCNN(nn.Module):
         init: str = "xavier",
     ) -> None:
         super().__init__()
-        check_choice("norm", norm, NORMS)
-        check_choice("init", init, INITS)
-        for what, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                            ("features", features), ("patch_size", patch_size)):
-            check_positive_int(what, value)
+        check_common(norm=norm, init=init, dropout=dropout, in_channels=in_channels,
+                     num_classes=num_classes, features=features, patch_size=patch_size)
         if patch_size % 4:
             raise ModelConfigError(f"model config: patch_size={patch_size} must be a multiple of 4")
-        check_dropout(dropout)
 
         self.spatial_dims = 2
         self.in_channels = in_channels

@@ -42,17 +42,13 @@ import torch
 from torch import nn
 
 from femurseg.models.blocks import (
-    INITS,
-    NORMS,
     ConvBlock,
     DilatedCentre,
     ModelConfigError,
     UpConv,
     center_crop,
-    check_choice,
-    check_dropout,
+    check_common,
     check_input,
-    check_positive_int,
     check_spatial_dims,
     conv_layer,
     crop_to,
@@ -153,13 +149,8 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
-        check_choice("norm", norm, NORMS)
-        check_choice("init", init, INITS)
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("features", features)
-        check_positive_int("levels", levels)
-        check_dropout(dropout)
+        check_common(norm=norm, init=init, dropout=dropout, in_channels=in_channels,
+                     num_classes=num_classes, features=features, levels=levels)
         if dilations is not None:
             if isinstance(dilations, (str, bytes)) or not all(isinstance(r, Integral) for r in dilations):
                 raise ModelConfigError(f"model config: dilations={dilations!r} must be a list of integer rates")

@@ -27,14 +27,10 @@ import torch
 from torch import nn
 
 from femurseg.models.blocks import (
-    INITS,
-    NORMS,
     ConvBlock,
     UpConv,
-    check_choice,
-    check_dropout,
+    check_common,
     check_input,
-    check_positive_int,
     crop_to,
     init_weights,
     norm_layer,
@@ -72,12 +68,8 @@ class VNet(nn.Module):
         init: str = "xavier",
     ) -> None:
         super().__init__()
-        check_choice("norm", norm, NORMS)
-        check_choice("init", init, INITS)
-        for what, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                            ("features", features), ("levels", levels)):
-            check_positive_int(what, value)
-        check_dropout(dropout)
+        check_common(norm=norm, init=init, dropout=dropout, in_channels=in_channels,
+                     num_classes=num_classes, features=features, levels=levels)
 
         self.spatial_dims = 3
         self.in_channels = in_channels
