@@ -483,8 +483,8 @@ CASCADE_TASK = "cascade"
 COMPARTMENTS: dict[str, tuple[int, ...]] = {"periosteal": (1, 2), "endosteal": (1,), "cortical": (2,)}
 
 CASCADE_SCALES: dict[str, dict[str, Any]] = {
-    # CPU demo: a V-Net with 8 base features and 4 levels (2.5 M parameters) on the phantom's
-    # 1 mm grid, whole volumes, 20 epochs (see "Data" below). On 2 CPU cores a step costs about
+    # CPU demo: a V-Net with 8 base features and 4 levels (2.5 M parameters) on whole volumes at
+    # the scans' own voxel size, 20 epochs (see "Data" below). On 2 CPU cores a step costs about
     # what the earlier F 4 / 3-level V-Net's did (0.7 vs 0.6 s on 64 x 128 x 128: the narrow
     # layers are memory-bound), and stage 1's validation Dice rose from 0.972-0.983 to
     # 0.988-0.992; the whole-bone volume error is what limits the cortical volume (cortical =
@@ -503,16 +503,19 @@ CASCADE_SCALES: dict[str, dict[str, Any]] = {
     # adds Dice). The inverse-frequency weighted CE of the MR papers moves the 0.5 boundary
     # outwards into partial-volume voxels (see femurseg.losses), which biased the thin neck
     # cortex (cortical = periosteal - endosteal) upwards. Measured (same split, 2026-11-22,
-    # README): cortical combination 3.9 -> 2.9 %, cortical total 4.5 -> 3.8 %, the trabecular
+    # docs/ct_study.md): cortical combination 3.9 -> 2.9 %, cortical total 4.5 -> 3.8 %, the trabecular
     # region's error in the neck 3.6 -> 2.3 %; cortical neck 5.5 -> 6.1 % (5.3 -> 5.3 % with the
     # reference's regions).
     # Data: the study runs on 32 phantoms for 20 epochs (24 training cases per fold: 480 steps, the
     # cost of 12 cases x 40 epochs). On the same 16 held-out phantoms the four fold models trained
     # on 24 cases instead of 12 gave periosteal DSC 0.992 vs 0.987, cortical neck 5.1 vs 7.8 %,
-    # head 2.4 vs 5.1 %, cortical total 3.7 vs 5.0 % (README, 2026-11-22). With fewer phantoms,
-    # raise the epochs (``--max-epochs`` / ``--min-epochs``) to keep about 500 steps. 64 phantoms
-    # x 10 epochs (the same 480 steps) did not do better than 32 x 20 (held-out cortical neck 5.4
-    # vs 5.1 %, README); whether 64 phantoms trained longer would is not measured.
+    # head 2.4 vs 5.1 %, cortical total 3.7 vs 5.0 % (docs/ct_study.md, 2026-11-22). With fewer
+    # phantoms, raise the epochs (``--max-epochs`` / ``--min-epochs``) to keep about 500 steps. 64
+    # phantoms x 10 epochs (the same 480 steps) did not do better than 32 x 20 (held-out cortical
+    # neck 5.4 vs 5.1 %); whether 64 phantoms trained longer would is not measured.
+    # Voxel size: the same settings on the same 32 femurs at 003's 0.8 x 0.8 x 1 mm (1.6 s per
+    # step against ~1 s at 1 mm) took the cortical neck error from 6.0 to 4.4 % out-of-fold and the
+    # cortical combination from 3.2 to 1.4 % (README "Measured: the cascade study").
     "demo": {
         "model": {"name": "vnet", "features": 8, "levels": 4, "norm": "instance"},
         "preprocess": {"crop_slices": None, "target_size": None, "scale": None, "normalise": "ct",
