@@ -27,11 +27,11 @@ import argparse
 import numpy as np
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
     ap.add_argument("dataset")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from tqdm import tqdm
 

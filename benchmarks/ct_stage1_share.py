@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
     ap.add_argument("dataset", nargs="?")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from scipy import ndimage
     from tqdm import tqdm

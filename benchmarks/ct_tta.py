@@ -22,11 +22,11 @@ import argparse
 import numpy as np
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
     ap.add_argument("--heldout", default=None, help="labelled scans the run has not seen (instead of out-of-fold)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from tqdm import tqdm
 
