@@ -880,7 +880,6 @@ def run_cascade_cv(dataset: str | Path, out: str | Path, *, scale: str = "demo",
 
 
 def _stage_threshold(run_dir: Path) -> float:
-
     p = run_dir / "thresholds.json"
     if p.exists():
         v = json.loads(p.read_text()).get("pr")
