@@ -498,3 +498,29 @@ def test_ct_benchmarks_reproduce_the_cascade_evaluation(tmp_path, capsys):
     assert "periosteal DSC: none" in capsys.readouterr().out
     importlib.import_module("ct_cortex_rule").main([str(run), str(test.root)])
     assert "rule" in capsys.readouterr().out
+
+
+def test_ct_head_size_reads_both_tables(tmp_path):
+    """benchmarks/ct_head_size.py: the same errors from a cascade_volumes.csv and from femurseg
+    evaluate's per-case table (predictions named <case>_0000)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    hs = importlib.import_module("ct_head_size")
+    meta = {f"hip_{i:04d}": {"femurs": [{"head_radius_mm": 20.0 + i}]} for i in range(3)}
+    ratios = {"hip_0000": (1.10, 1.2), "hip_0001": (1.00, 1.0), "hip_0002": (0.95, 0.9)}  # head, cortical neck
+    cv = tmp_path / "cascade_volumes.csv"
+    lines = ["case,side,region,compartment,ref_cm3,pred_cm3,pred_in_ref_regions_cm3"]
+    for c, (h, n) in ratios.items():
+        lines += [f"{c},,head,total,40,{40 * h},0", f"{c},,neck,cortical,1,{n},0", f"{c},,neck,total,5,5,5"]
+    cv.write_text("\n".join(lines) + "\n")
+    ev = tmp_path / "eval.csv"
+    ev.write_text("case,head_total_vol_pred_cm3,head_total_vol_ref_cm3,neck_cortical_vol_pred_cm3,neck_cortical_vol_ref_cm3\n"
+                  + "".join(f"{c}_0000,{40 * h},40,{n},1\n" for c, (h, n) in ratios.items()))
+    for path in (cv, ev):
+        r, head, neck = hs.errors(meta, path)
+        np.testing.assert_allclose(r, [20, 21, 22])
+        np.testing.assert_allclose(head, [10, 0, -5], atol=1e-9)
+        np.testing.assert_allclose(neck, [20, 0, -10], atol=1e-9)
