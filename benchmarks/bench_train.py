@@ -63,7 +63,7 @@ for i, case in enumerate(phantom.generate_cohort(a["cases"] + 4, modality="mr", 
 train, val = samples[:a["cases"]], samples[a["cases"]:]
 seed_everything(0)
 model = build_model(a["model"])
-cfg = TrainConfig(**{**a["train"], "max_epochs": a["epochs"], "min_epochs": a["epochs"], "amp": a["amp"],
+cfg = TrainConfig(**{**a["train"], "max_epochs": a["epochs"], "min_epochs": a["epochs"], "precision": a["precision"],
                      "threads": a["threads"]})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if a["device"] == "cuda":
@@ -106,11 +106,12 @@ def main() -> None:
     for dev in devices:
         for name in models:
             model, train = MODELS[name]
-            for amp in (False, True):
+            for prec in ("fp32", "bf16" if dev == "cpu" else "fp16"):
                 args = {"model": model, "train": train, "threads": a.threads, "epochs": a.epochs, "cases": a.cases,
-                        "device": dev, "amp": amp}
+                        "device": dev, "precision": prec}
                 load = round(os.getloadavg()[0], 2)
-                say(f"{name} on {dev} ({'autocast ' + ('bf16' if dev == 'cpu' else 'fp16') if amp else 'fp32'}) ...")
+                amp = prec != "fp32"
+                say(f"{name} on {dev} ({'autocast ' + prec if amp else 'fp32'}) ...")
                 r = run_child(args)
                 ep = r["epochs"]
                 later = sorted(ep[1:]) or ep

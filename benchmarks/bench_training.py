@@ -14,14 +14,15 @@ initial weights; one timed round = one epoch of ``steps`` optimisation steps (th
 volume repeated), and the figure is seconds per step:
 
 * ``femurseg``: :func:`femurseg.train.fit` for one epoch of ``steps`` samples, no validation, no
-  output folder, default :class:`~femurseg.train.TrainConfig` (float32, loss "wce", Adam,
+  output folder, default :class:`~femurseg.train.TrainConfig` forced to float32 (loss "wce", Adam,
   deterministic algorithms on) and default augmentation (random left-right flip). The time
   covers everything fit does: seeding, sample selection, batch assembly, augmentation, forward,
   loss, backward, Adam, and its per-call bookkeeping (optimiser set-up, keeping the best weights)
   spread over the epoch's steps.
 * ``femurseg-preset``: the same with the ``default`` preset's training settings (what ``femurseg
-  cv`` runs at demo scale: Dice + weighted CE, bfloat16 autocast on the CPU). Different
-  arithmetic from ``plain`` (bfloat16), listed because it is what a user's demo-scale run costs.
+  cv`` runs at demo scale: Dice + weighted CE, precision "auto": bfloat16 autocast on a CPU with
+  native bfloat16, float32 elsewhere). Listed because it is what a user's demo-scale run costs
+  on the machine (or the ``ONEDNN_MAX_CPU_ISA`` class) it runs on.
 * ``plain``: the textbook loop on the same model and loss, tensors prepared beforehand:
   ``zero_grad; loss_fn(model(x), y).backward(); opt.step()`` with the same Adam settings, float32.
 
@@ -33,6 +34,7 @@ Writes ``training_<size>.csv``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,9 +94,12 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
     model_f = build_model(dict(cfg_model))
     model_p = copy.deepcopy(model_f)
     model_s = copy.deepcopy(model_f)
-    tcfg = T.TrainConfig(max_epochs=1, min_epochs=0, threads=None)
+    tcfg = T.TrainConfig(max_epochs=1, min_epochs=0, threads=None, precision="fp32")
     pcfg = T.TrainConfig.from_dict({**PRESETS["default"]["train"], "max_epochs": 1, "min_epochs": 0, "threads": None})
     aug = AugmentConfig()
+    from femurseg.core.precision import resolve_precision
+
+    preset_precision = resolve_precision(pcfg.precision, "cpu", warn=False)
     log(f"training[{size}]: input {sample.image.shape}, model {cfg_model}, loss {tcfg.loss}, lr {tcfg.lr}, "
         f"{steps} step(s) per round")
     epoch = [sample] * steps
@@ -138,7 +143,9 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
             "model": f"unet3d F{cfg_model['features']} L{cfg_model['levels']}"
                      + (f" dil {','.join(map(str, cfg_model['dilations']))}" if cfg_model.get("dilations") else ""),
             "engine": name,
-            "precision": "bf16 autocast" if name == "femurseg-preset" else "fp32",
+            "precision": (preset_precision.name + (" autocast" if preset_precision.name != "fp32" else "")
+                          if name == "femurseg-preset" else "fp32"),
+            "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
             "steps_per_round": steps,
             "seconds_per_step_median": t,
             "seconds_min": min(times[name]),

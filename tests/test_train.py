@@ -299,7 +299,8 @@ def test_bf16_guard_for_depth_two_conv3d():
     assert bf16_conv3d_hazard(model, _blob_samples(1, shape=(12, 16, 16)), TrainConfig(patch_size=[8, 8, 8]))
     assert not bf16_conv3d_hazard(build_model({"name": "unet2d", "features": 4, "levels": 2}),
                                   _blob_samples(1, shape=(8, 16, 16)), TrainConfig())
-    with pytest.warns(UserWarning, match="bfloat16 autocast disabled"):
-        res = fit(model, _blob_samples(2), [], TrainConfig(max_epochs=1, min_epochs=0, threads=1, amp=True),
+    with pytest.warns(UserWarning, match="bfloat16 autocast disabled"):  # forced bf16; also on AVX2-only CPUs
+        res = fit(model, _blob_samples(2), [], TrainConfig(max_epochs=1, min_epochs=0, threads=1, precision="bf16"),
                   progress=False)
     assert np.isfinite(res.history[0]["train_loss"])
+    assert res.precision["used"] == "fp32" and "depth 2" in res.precision["reason"]

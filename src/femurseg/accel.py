@@ -88,6 +88,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from femurseg.core.precision import native_bf16_cpu
+
 MODES = ("auto", "none", "channels-last", "fused", "mixed", "compile", "bf16", "compile-bf16", "onnx")
 """Accepted ``mode`` values of :func:`optimise_for_inference`."""
 
@@ -142,11 +144,9 @@ def default_mode() -> str:
 
 
 def bf16_supported() -> bool:
-    """Whether this CPU has native bfloat16 dot products (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether this CPU has native bfloat16 dot products (AVX512-BF16 or AMX; the same test as
+    training's precision decision, :func:`femurseg.core.precision.native_bf16_cpu`)."""
+    return native_bf16_cpu()
 
 
 def compiler_available() -> bool:

@@ -295,7 +295,8 @@ def demo(
 
 
 def _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs, min_epochs,
-                      patience, patch_size, crop_slices, target_size, scale, normalise, threads) -> dict:
+                      patience, patch_size, crop_slices, target_size, scale, normalise, threads,
+                      precision=None) -> dict:
     """Partial model / preprocessing / training dicts from the shared cv/train options (None = preset)."""
     model_cfg = {k: v for k, v in {"name": model, "features": features, "levels": levels, "norm": norm,
                                    "dropout": dropout}.items() if v is not None}
@@ -312,12 +313,15 @@ def _training_options(model, features, levels, dilations, norm, dropout, loss, l
     if normalise is not None:
         prep["normalise"] = normalise
     train = {k: v for k, v in {"loss": loss, "lr": lr, "batch_size": batch_size, "max_epochs": max_epochs,
-                               "min_epochs": min_epochs, "patience": patience, "threads": threads}.items() if v is not None}
+                               "min_epochs": min_epochs, "patience": patience, "threads": threads,
+                               "precision": precision}.items() if v is not None}
     if patch_size is not None:
         train["patch_size"] = list(_parse_ints(patch_size, 3, "--patch-size"))
     return {"model_cfg": model_cfg or None, "prep_cfg": prep or None, "train_cfg": train or None}
 
 
+_PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AVX512-BF16/AMX, float32 on other "
+                   "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
 _MODEL_HELP = "Architecture: unet3d, unet2d, unet2d-unpadded, vnet, patchcnn (see `femurseg models`)."
 
 
@@ -351,6 +355,7 @@ def cv(
     scale: Optional[float] = typer.Option(None, help="In-plane zoom factor when no --target-size (default preset: 0.5)."),
     normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    precision: Optional[str] = typer.Option(None, help=_PRECISION_HELP),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last complete epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -365,7 +370,8 @@ def cv(
     from femurseg.distributed import backend_from_options
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
-                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads)
+                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
+                             precision)
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     if task == "cascade":
         from femurseg import ct
@@ -419,6 +425,7 @@ def train(
     scale: Optional[float] = typer.Option(None, help="In-plane zoom factor when no --target-size."),
     normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    precision: Optional[str] = typer.Option(None, help=_PRECISION_HELP),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -428,7 +435,8 @@ def train(
     from femurseg.cv import run_train
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
-                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads)
+                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
+                             precision)
     res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
                     overwrite=overwrite, device=device, ddp=ddp, **opts)
     _echo_cv_summary(res.summary, out)

@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from femurseg import io
+from femurseg.core.precision import resolve_precision
 from femurseg.data.augment import AugmentConfig
 from femurseg.data.dataset import Dataset, load_checked
 from femurseg.data.preprocess import PrepInfo, PreprocessConfig, preprocess_image, preprocess_label, restore
@@ -77,15 +78,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # * Dice + wCE: 0.975 vs 0.964 (wCE alone) validation Dice after 20 epochs on one fold;
     # * Adam 2e-3 with cosine decay, 16 epochs (early stopping from 10, patience 5): mean
     #   out-of-fold DSC 0.966 +- 0.011 (20 epochs: 0.969 +- 0.012), ~115 CPU-s per fold;
-    # * bfloat16 autocast (CPU): mean out-of-fold DSC 0.966 +- 0.011 vs 0.963 +- 0.015 in float32
-    #   with the same settings, at 115 vs 245 CPU-s per fold (falls back to float32 where torch's
-    #   bf16 Conv3d is broken, see femurseg.train.bf16_conv3d_hazard).
+    # * precision "auto" (femurseg.core.precision): bfloat16 autocast where the CPU has it natively
+    #   (AVX512-BF16/AMX): mean out-of-fold DSC 0.966 +- 0.011 vs 0.963 +- 0.015 in float32 with
+    #   the same settings, at 115 vs 245 CPU-s per fold; float32 on AVX2-only CPUs, where
+    #   bfloat16 is emulated and a step is ~37x slower than float32.
     "default": {
         "model": {"name": "unet3d", "features": 16, "levels": 3, "dilations": None, "norm": "instance"},
         "preprocess": PreprocessConfig.preset("default").to_dict(),
-        # bf16 autocast on CPU: the time budget needs it (float32: 245 instead of 115 CPU-s per fold);
-        # fit() falls back to float32 where torch's bf16 Conv3d is broken (bf16_conv3d_hazard).
-        "train": {**TrainConfig.preset("default").to_dict(), "amp": True},
+        "train": TrainConfig.preset("default").to_dict(),
         "augment": AugmentConfig().to_dict(),
     },
     # Paper 001: 3D U-Net, 32 features, 4 levels, dilations 1,2,4,8 at the centre; 48 central
@@ -321,7 +321,9 @@ def run_cv(
             "cases": [c.case_id for c in ds.cases], "preset": preset, **cfgs,
             "k": split.k, "seed": seed, "group_by": split.group_by, "inner_val": inner_val,
             "train_spacing": train_spacing(prepared),
-            "device": str(get_device(device)), "environment": environment(), "created": now_iso(),
+            "device": str(get_device(device)),
+            "precision": resolve_precision(tcfg.precision, get_device(device), warn=False).to_dict(),
+            "environment": environment(), "created": now_iso(),
             **({"ddp": dist.describe(tcfg.batch_size)} if dist is not None else {}),
         }
         _create_run_dir(out, config, split)
@@ -518,7 +520,7 @@ def train_fold(run: Run, ds: Dataset, prepared: dict[str, Prepared], k: int, *, 
     if dist is None or dist.is_main:
         seconds = _write_oof(run, ds, prepared, val_ids, model, device, progress)
     return {"fold": k, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
-            "epochs": res.epochs, "train_seconds": round(res.seconds, 1),
+            "epochs": res.epochs, "train_seconds": round(res.seconds, 1), "precision": res.precision.get("used"),
             "inference_s_per_case": round(float(np.median(seconds)), 3) if seconds else None}
 
 

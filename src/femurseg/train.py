@@ -18,15 +18,11 @@ waits for disk or resampling) and validates it after every epoch.
   class fractions of their whole volume.
 * **Optimiser**: Adam (paper 001 Table 5: learning rate 5e-5 constant, batch size 1), with an
   optional cosine decay of the learning rate over ``max_epochs``.
-* **Defaults** (``TrainConfig()``; the ``default`` preset of :mod:`femurseg.cv` adds
-  ``amp=True``) are tuned for 2 CPU cores and the 16-case phantom (measured, see
-  ``femurseg.cv``): Dice + wCE, Adam 2e-3 with cosine decay to 1e-4, at most 16 epochs, early
-  stopping from epoch 10 with patience 5. bfloat16 autocast on CPU (``amp=True``) gave the
-  same out-of-fold Dice as float32 (0.966 vs 0.963) at half the CPU time on an AVX512-BF16
-  CPU; where torch's bf16 ``Conv3d`` weight gradient is broken (input depth 2, which made tiny
-  test volumes diverge to NaN) :func:`fit` trains in float32 (:func:`bf16_conv3d_hazard`).
-  ``TrainConfig.preset("paper")``: wCE, Adam 5e-5 constant, early stopping after 30 epochs
-  with patience 10 and min delta 1e-4, float32 on CPU.
+* **Defaults** (``TrainConfig()``, the ``default`` preset of :mod:`femurseg.cv`) are tuned
+  for 2 CPU cores and the 16-case phantom (measured, see ``femurseg.cv``): Dice + wCE, Adam
+  2e-3 with cosine decay to 1e-4, at most 16 epochs, early stopping from epoch 10 with
+  patience 5. ``TrainConfig.preset("paper")``: wCE, Adam 5e-5 constant, early stopping after
+  30 epochs with patience 10 and min delta 1e-4.
 * **Validation** after every epoch on the validation cases, whole volumes through
   :func:`femurseg.infer.predict_classes` (exactly the inference path): validation loss
   and Dice of ``p >= 0.5`` (mean over cases; C > 2: mean over foreground classes of the
@@ -37,9 +33,13 @@ waits for disk or resampling) and validates it after every epoch.
   it does not reward over-confident probabilities. ``monitor="loss"`` uses the
   validation loss. Without validation cases the training loss is monitored.
   The best epoch's weights are kept (``best.pt``).
-* **Devices**: CUDA when present with automatic mixed precision (float16 autocast and a
-  gradient scaler), CPU otherwise (float32 with ``amp=None``, the dataclass default, or
-  ``amp=False``; bfloat16 autocast with ``amp=True``, the CPU ``default`` preset).
+* **Devices and precision**: CUDA when present, else the CPU. ``precision="auto"`` (every
+  preset) trains in what the device runs natively (:mod:`femurseg.core.precision`): float16
+  AMP with a gradient scaler on CUDA, bfloat16 autocast on a CPU with AVX512-BF16/AMX (the
+  same out-of-fold Dice as float32 on the demo, 0.966 vs 0.963, at half the CPU time),
+  float32 on other CPUs, where bfloat16 is emulated and ~37x slower. Where torch's CPU
+  bfloat16 ``Conv3d`` weight gradient is broken (input depth 2, which made tiny test volumes
+  diverge to NaN) :func:`fit` trains in float32 (:func:`bf16_conv3d_hazard`).
 * **Reproducibility and resume.** Every source of randomness is re-seeded at the start of
   every epoch from ``(seed, fold, epoch)`` (Python ``random``, NumPy, torch incl. CUDA; the
   sample order, augmentation and dropout draw from these), and the complete state after
@@ -74,7 +74,8 @@ from tqdm import tqdm
 
 from femurseg.data.augment import AugmentConfig, augment
 from femurseg.errors import FemursegError, atomic_path
-from femurseg.infer import amp_enabled, autocast, get_device, input_size_for, is_patch_classifier, mirror_pad, predict_classes
+from femurseg.core.precision import PRECISIONS, Precision, resolve_precision
+from femurseg.infer import get_device, input_size_for, is_patch_classifier, mirror_pad, predict_classes
 from femurseg.losses import LOSSES, get_loss
 from femurseg.run import load_checkpoint, save_checkpoint, write_json
 
@@ -106,12 +107,11 @@ class TrainConfig:
         patch_size: 3D random-patch size (D, H, W); None trains on whole volumes.
         slices_per_volume: 2D stacks per volume per epoch (None: every slice).
         patches_per_volume: patch CNN: tri-planar patches per volume per epoch.
-        amp: mixed precision: None (default: float16 autocast with gradient scaling on CUDA,
-            float32 on CPU), True (also bfloat16 autocast on CPU: about half the CPU time of a
-            step; the ``default`` preset of femurseg.cv sets it. Tiny test volumes diverged to
-            NaN with it: torch's bf16 Conv3d weight gradient is wrong at input depth 2, which
-            :func:`fit` now detects and trains in float32, see :func:`bf16_conv3d_hazard`),
-            False (float32 everywhere).
+        precision: "auto" (default), "fp32", "bf16" or "fp16", decided for the training device by
+            :func:`femurseg.core.precision.resolve_precision`: "auto" is float16 AMP on CUDA,
+            bfloat16 autocast on a CPU with native bfloat16 (AVX512-BF16/AMX), float32 on other
+            CPUs. Where torch's CPU bfloat16 ``Conv3d`` weight gradient is broken (input depth 2)
+            :func:`fit` trains in float32 instead (:func:`bf16_conv3d_hazard`).
         threads: torch CPU threads during :func:`fit` (None: torch's default, the number of
             physical cores; restored afterwards).
         deterministic: request deterministic kernels (``torch.use_deterministic_algorithms``).
@@ -132,12 +132,14 @@ class TrainConfig:
     patch_size: list[int] | None = None
     slices_per_volume: int | None = None
     patches_per_volume: int = 2048
-    amp: bool | None = None
+    precision: str = "auto"
     threads: int | None = None
     deterministic: bool = True
     val_batch_size: int = 16
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise FemursegError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.loss not in LOSSES:
             raise FemursegError(f"--loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.monitor not in MONITORS:
@@ -166,6 +168,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
         d = dict(d or {})
+        if "amp" in d:  # run folders written before ``precision``: amp False was float32 everywhere
+            amp = d.pop("amp")
+            d.setdefault("precision", "fp32" if amp is False else "auto")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise FemursegError(f"training: unknown option(s) {', '.join(unknown)}")
@@ -177,7 +182,7 @@ class TrainConfig:
             return cls()
         if name == "paper":
             return cls(loss="wce", lr=5e-5, lr_schedule="constant", batch_size=1, max_epochs=1000, min_epochs=30,
-                       patience=10, min_delta=1e-4, amp=None)
+                       patience=10, min_delta=1e-4)
         raise FemursegError(f"--preset: unknown preset {name!r} (default, paper)")
 
 
@@ -244,6 +249,7 @@ class FitResult:
     stopped_early: bool
     history: list[dict[str, Any]]
     seconds: float
+    precision: dict[str, Any] = field(default_factory=dict)
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -438,8 +444,10 @@ def bf16_conv3d_hazard(model: nn.Module, samples: list[Sample], cfg: TrainConfig
 
 
 def evaluate(model: nn.Module, samples: list[Sample], cfg: TrainConfig, device: torch.device,
-             use_amp: bool) -> tuple[float, float]:
-    """Mean validation loss and mean Dice at 0.5 (argmax for C > 2) over ``samples``."""
+             precision: Precision) -> tuple[float, float]:
+    """Mean validation loss and mean Dice at 0.5 (argmax for C > 2) over ``samples``.
+
+    Validation runs under the autocast of ``precision`` (float32 when training in float32)."""
     from femurseg.metrics import overlap_metrics
 
     loss_fn = get_loss(cfg.loss)
@@ -447,7 +455,7 @@ def evaluate(model: nn.Module, samples: list[Sample], cfg: TrainConfig, device: 
     sd = int(getattr(model, "spatial_dims", 3))
     for s in samples:
         probs = predict_classes([model], s.image, batch_size=1 if sd == 3 else cfg.val_batch_size,
-                                device=device, amp=use_amp)
+                                device=device, amp=precision.autocast_enabled)
         logp = torch.from_numpy(np.log(np.clip(probs, 1e-7, 1.0)))[None]
         losses.append(float(loss_fn(logp, torch.from_numpy(s.label)[None].long())))
         pred = probs[1] >= 0.5 if probs.shape[0] == 2 else None
@@ -495,11 +503,11 @@ def fit(
         raise FemursegError("training: no training cases")
     aug = aug or AugmentConfig()
     dev = get_device(device)
-    use_amp = amp_enabled(dev, cfg.amp)
-    if use_amp and dev.type == "cpu" and bf16_conv3d_hazard(model, train, cfg):
+    prec = resolve_precision(cfg.precision, dev)
+    if prec.name == "bf16" and dev.type == "cpu" and bf16_conv3d_hazard(model, train, cfg):
         warnings.warn("bfloat16 autocast disabled for this model and input size: torch's CPU bfloat16 "
                       "Conv3d weight gradient is wrong for inputs of depth 2 (training in float32)", stacklevel=2)
-        use_amp = False
+        prec = prec.fallback("torch's CPU bfloat16 Conv3d weight gradient is wrong at input depth 2")
     prev_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -512,7 +520,7 @@ def fit(
     net = model if dist is None else dist.wrap(model)  # what the training step calls
     writer = dist is None or dist.is_main
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dev.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=prec.grad_scaling and dev.type == "cuda")
     loss_fn = get_loss(cfg.loss)
     history: list[dict[str, Any]] = []
     start_epoch = 1
@@ -564,7 +572,7 @@ def fit(
                 x, y = augment(x, y, aug, gen) if not is_patch_classifier(model) else (x, y)
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
-                with autocast(dev, use_amp):
+                with prec.autocast():
                     logits = _forward(model, x, net)
                 loss = loss_fn(logits, y, fractions=frac)
                 if not torch.isfinite(loss):
@@ -578,9 +586,9 @@ def fit(
             train_loss = total / max(len(batches), 1)
             val_loss = val_dice = float("nan")
             if dist is not None:
-                train_loss, (val_loss, val_dice) = dist.mean(train_loss), dist.evaluate(evaluate, model, val, cfg, dev, use_amp)
+                train_loss, (val_loss, val_dice) = dist.mean(train_loss), dist.evaluate(evaluate, model, val, cfg, dev, prec)
             elif val:
-                val_loss, val_dice = evaluate(model, val, cfg, dev, use_amp)
+                val_loss, val_dice = evaluate(model, val, cfg, dev, prec)
             value = {"dice": val_dice, "loss": val_loss, "train_loss": train_loss}[monitor]
             improved = stopper.update(epoch, value)
             finished = stopper.should_stop(epoch) or epoch >= cfg.max_epochs
@@ -604,7 +612,8 @@ def fit(
                 })
                 _write_log(out, history)
                 write_json(out / "state.json", {"epoch": epoch, "finished": finished, "best_epoch": stopper.best_epoch,
-                                                "best_metric": stopper.best, "monitor": monitor})
+                                                "best_metric": stopper.best, "monitor": monitor,
+                                                "precision": prec.to_dict()})
             elif improved:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if dist is not None:
@@ -620,7 +629,8 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     last = history[-1]["epoch"] if history else 0
-    return FitResult(stopper.best_epoch, stopper.best, last, last < cfg.max_epochs and finished, history, elapsed)
+    return FitResult(stopper.best_epoch, stopper.best, last, last < cfg.max_epochs and finished, history, elapsed,
+                     prec.to_dict())
 
 
 def _model_checkpoint(model: nn.Module, epoch: int, value: float, monitor: str) -> dict[str, Any]:
