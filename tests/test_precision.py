@@ -86,3 +86,22 @@ def test_train_config_precision_and_legacy_amp():
     assert TrainConfig.from_dict({"amp": None}).precision == "auto"
     with pytest.raises(FemursegError, match="--precision"):
         TrainConfig(precision="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_uses_fp16_amp_and_records_it():
+    import numpy as np
+
+    from femurseg.models import build_model
+    from femurseg.train import Sample, fit
+
+    rng = np.random.default_rng(0)
+    lab = np.zeros((16, 32, 32), np.uint8)
+    lab[4:12, 8:24, 8:24] = 1
+    samples = [Sample(f"c{i}", (lab + rng.normal(0, 0.3, lab.shape)).astype(np.float32), lab) for i in range(3)]
+    torch.manual_seed(0)
+    model = build_model({"name": "unet3d", "features": 4, "levels": 2})
+    res = fit(model, samples[:2], samples[2:], TrainConfig(max_epochs=2, min_epochs=0), device="cuda", progress=False)
+    assert res.precision["used"] == "fp16" and res.precision["device"] == "cuda"
+    assert np.isfinite(res.history[-1]["train_loss"])
