@@ -13,7 +13,7 @@ warm-up, with 2 torch threads:
 * the network forward pass (3D U-Net F 32, L 4, dilations 1, 2, 4, 8, random weights): FLOP from
   ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and transposed convolutions;
   2 FLOP per multiply-add) on the benchmark's input, timed as plain float32 eager and with
-  :func:`femurseg.accel.optimise_for_inference` in its ``auto`` mode (float32) and ``bf16``.
+  :func:`femurseg.inference.accel.optimise_for_inference` in its ``auto`` mode (float32) and ``bf16``.
   ``run_all.py`` passes the network timings of the inference benchmark instead of timing
   the paper-size network again.
 
@@ -65,7 +65,7 @@ def run(size: str = "paper", repeats: int = 5, network_times: dict[str, list[flo
     is not timed here)."""
     import torch
 
-    from femurseg import accel
+    from femurseg.inference import accel
     from femurseg.models import build_model
 
     torch.set_num_threads(common.default_threads(size) if threads is None else threads)

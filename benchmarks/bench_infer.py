@@ -10,13 +10,13 @@ on the weights.
 
 Measurements, each in a fresh child process (so that its peak memory is its own):
 
-* ``network``: :func:`femurseg.infer.predict_prob` on one preprocessed volume of the paper's
+* ``network``: :func:`femurseg.inference.tiling.predict_prob` on one preprocessed volume of the paper's
   input size (48 coronal slices of 256 x 256): the forward pass, softmax and copies, as the
   paper's "about 5 s per subject" (Tesla P100) measures. ``repeats`` passes; the first is
   reported separately (``first_s``: includes oneDNN/cuDNN set-up), the median of all as
   ``seconds``.
 * ``end-to-end`` (CPU and GPU): ``femurseg predict`` without the command-line start-up
-  (:func:`femurseg.predict.predict_file`) on a synthetic scan of the paper's acquisition size
+  (:func:`femurseg.inference.predict.predict_file`) on a synthetic scan of the paper's acquisition size
   (60 x 512 x 512, 1.5 x 0.234 x 0.234 mm, int16 NIfTI) through a run folder holding that
   model with the paper's preprocessing (central 48 slices, 256 x 256 bicubic spline, z-score):
   read, preprocess, predict, restore to 512 x 512, threshold, largest component, write.
@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from femurseg.run import cpu_model
+from femurseg.inference.run import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -80,7 +80,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if spec["what"] == "network":
-        from femurseg.infer import predict_prob
+        from femurseg.inference.tiling import predict_prob
 
         img = np.random.default_rng(0).normal(size=tuple(spec["shape"])).astype(np.float32)
         times = []
@@ -105,10 +105,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 def _end_to_end(model, dev, spec) -> dict[str, Any]:
     import numpy as np
 
-    from femurseg import io
-    from femurseg import predict as P
+    from femurseg.core import io
+    from femurseg.inference import predict as P
     from femurseg.data.preprocess import PreprocessConfig
-    from femurseg.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, save_checkpoint, write_json
+    from femurseg.inference.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, save_checkpoint, write_json
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
@@ -196,7 +196,7 @@ def main() -> None:
                   f"(first {row['first_s']:.2f} s)  peak RSS {row['peak_rss_mb']:.0f} MB"
                   + (f"  peak GPU {row['peak_gpu_mb']:.0f} MB" if row["peak_gpu_mb"] != "" else "")
                   + f"  [load {row['load_avg_1min']}]  paper: ~{PAPER_SECONDS:g} s on a P100", flush=True)
-    from femurseg.errors import atomic_path
+    from femurseg.core.errors import atomic_path
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:

@@ -17,11 +17,11 @@ Input: a synthetic MR scan from :mod:`femurseg.data.phantom` (seed 0):
 
 Engines, timed interleaved in one process (see ``benchmarks/common.py``):
 
-* ``femurseg``: the whole predict path of :mod:`femurseg.predict` on the in-memory scan --
-  preprocess, :func:`femurseg.infer.predict_prob` (whatever acceleration infer applies by
+* ``femurseg``: the whole predict path of :mod:`femurseg.inference.predict` on the in-memory scan --
+  preprocess, :func:`femurseg.inference.tiling.predict_prob` (whatever acceleration infer applies by
   default: ``"mixed"`` bfloat16/float32 on CPUs with native bfloat16, else float32 ``"fused"``), restore to the original grid, threshold 0.5, largest connected component
-  (:func:`femurseg.predict.predict_probability` + :func:`femurseg.predict.segment`).
-* ``femurseg-network``: :func:`femurseg.infer.predict_prob` on the preprocessed volume (the
+  (:func:`femurseg.inference.predict.predict_probability` + :func:`femurseg.inference.predict.segment`).
+* ``femurseg-network``: :func:`femurseg.inference.tiling.predict_prob` on the preprocessed volume (the
   network part of the path, with its softmax), to compare like with like.
 * ``femurseg[MODE]`` (``opt_in``; ``run_all`` uses ``fused``, the float32-exact path, and
   ``bf16``, all-bfloat16): the whole path with ``FEMURSEG_ACCEL=MODE``.
@@ -36,7 +36,7 @@ Peers' times cover the network alone, femurseg's the whole path, so its ratios a
 Peak memory is sampled during the first timed round (RSS above the level before the call).
 Agreement: every engine's probabilities go through the same restore / threshold / largest
 component (outside the timed region for the peers) and the masks' Dice against ``plain`` is
-reported. ``--levers`` adds one row per acceleration mode of :mod:`femurseg.accel` (network only,
+reported. ``--levers`` adds one row per acceleration mode of :mod:`femurseg.inference.accel` (network only,
 same protocol), to show what each lever is worth.
 
 Writes ``inference_<size>.csv`` (and ``levers_<size>.csv`` with ``--levers``).
@@ -61,7 +61,7 @@ TINY_MODEL = {"name": "unet3d", "features": 4, "levels": 2, "dilations": [1, 2]}
 LEVERS = ("channels-last", "fused", "mixed", "compile", "onnx", "bf16", "compile-bf16")
 COVERS = {
     "femurseg": "whole predict path: preprocess, network, restore, threshold, largest component",
-    "femurseg-network": "network only: femurseg.infer.predict_prob (softmax included)",
+    "femurseg-network": "network only: femurseg.inference.tiling.predict_prob (softmax included)",
     "monai": "network only: sliding_window_inference, roi = whole volume",
     "plain": "network only: model(x), float32 eager",
 }
@@ -69,7 +69,7 @@ COVERS = {
 
 def make_case(size: str) -> tuple[Any, Any, dict[str, Any]]:
     """``(volume, preprocess config, model config)`` for a benchmark size."""
-    from femurseg import io
+    from femurseg.core import io
     from femurseg.data import phantom
     from femurseg.data.preprocess import PreprocessConfig
 
@@ -104,8 +104,8 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
     import torch
     from monai.inferers import sliding_window_inference
 
-    from femurseg import infer
-    from femurseg import predict as P
+    from femurseg.inference import tiling as infer
+    from femurseg.inference import predict as P
     from femurseg.data.preprocess import preprocess_image, restore
 
     torch.set_num_threads(common.default_threads(size) if threads is None else threads)
@@ -139,7 +139,7 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
 
     def with_mode(fn, mode: str):
         def run_with_mode():
-            from femurseg import accel
+            from femurseg.inference import accel
 
             old = os.environ.get(accel.ENV_MODE)
             os.environ[accel.ENV_MODE] = mode
@@ -159,7 +159,7 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
         engines = {k: v for k, v in engines.items() if k in ("femurseg-network", "plain")}
     setup: dict[str, float] = {}
     if levers:
-        from femurseg import accel
+        from femurseg.inference import accel
 
         for mode in levers:
             with common.stopwatch() as t, warnings.catch_warnings():
@@ -210,7 +210,7 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
             **base,
             "engine": name,
             "covers": COVERS.get(name, f"whole predict path, FEMURSEG_ACCEL={name[9:-1]}"
-                                 if name.startswith("femurseg[") else "network only (femurseg.accel mode)"),
+                                 if name.startswith("femurseg[") else "network only (femurseg.inference.accel mode)"),
             "seconds_median": t,
             "seconds_min": min(times[name]),
             "repeats": repeats,
@@ -239,9 +239,9 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
 
 
 def _infer_mode(model: Any, requested: str | None) -> str:
-    """The femurseg.accel mode infer actually used for ``requested`` (None: the default mode)."""
+    """The femurseg.inference.accel mode infer actually used for ``requested`` (None: the default mode)."""
     try:
-        from femurseg import accel
+        from femurseg.inference import accel
 
         want = accel.default_mode() if requested is None else requested
         used = {h.mode for h in accel._CACHE.get(model, {}).values() if h.requested == want}
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=("paper", "demo", "tiny"), default="paper")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--levers", nargs="*", default=None, metavar="MODE",
-                    help=f"also time femurseg.accel modes, network only (no MODE: {' '.join(LEVERS)})")
+                    help=f"also time femurseg.inference.accel modes, network only (no MODE: {' '.join(LEVERS)})")
     ap.add_argument("--opt-in", nargs="*", default=[], metavar="MODE",
                     help="also time the whole path with FEMURSEG_ACCEL=MODE (e.g. bf16)")
     ap.add_argument("--network-only", action="store_true",

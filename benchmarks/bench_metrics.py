@@ -37,9 +37,9 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from femurseg.run import cpu_model
+from femurseg.inference.run import cpu_model
 from femurseg import metrics  # noqa: E402
-from femurseg.errors import atomic_path  # noqa: E402
+from femurseg.core.errors import atomic_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "metrics.csv"
 

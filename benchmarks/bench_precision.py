@@ -4,7 +4,7 @@
 
 The network and input of :mod:`bench_inference` (paper 001's 3D U-Net F32 L4, dilated centre,
 random weights, seed 0; the MR phantom through the predict path's preprocessing). Every
-convolution runs as a :class:`femurseg.accel.FusedConv` in float32 or bfloat16 according to an
+convolution runs as a :class:`femurseg.inference.accel.FusedConv` in float32 or bfloat16 according to an
 assignment; the masks are compared with float32's on the network grid (``p >= 0.5``) and after the
 whole predict path (restore to the scan grid, threshold 0.5, largest component). Not timed (the
 speed of ``mixed`` is in ``inference_*.csv`` and ``levers_*.csv``). Writes ``precision_<size>.csv``;
@@ -27,7 +27,7 @@ import common  # noqa: E402
 def assignments(model: Any, shape: tuple[int, ...]) -> dict[str, Callable[[str], bool]]:
     """``{label: is_bf16(conv_name)}``; the full-resolution sets come from the traced shapes."""
 
-    from femurseg import accel
+    from femurseg.inference import accel
 
     convs = {n: m for n, m in model.named_modules() if isinstance(m, accel._CONVS)}
     by_weight = {id(m.weight): n for n, m in convs.items()}
@@ -53,8 +53,8 @@ def run(size: str = "paper", log: Callable[[str], None] = common.say) -> dict[st
     import torch
 
     import bench_inference
-    from femurseg import accel
-    from femurseg import predict as P
+    from femurseg.inference import accel
+    from femurseg.inference import predict as P
     from femurseg.data.preprocess import preprocess_image, restore
 
     torch.set_num_threads(common.default_threads(size))
@@ -104,7 +104,7 @@ def _conv_flops(model: Any, x: Any) -> dict[str, float]:
 
     import torch
 
-    from femurseg import accel
+    from femurseg.inference import accel
 
     meta = copy.deepcopy(model).to("meta")
     flops: dict[str, float] = {}

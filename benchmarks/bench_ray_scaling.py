@@ -4,7 +4,7 @@
 
 Workload: ``--configs`` tiny 3D U-Nets (features 4, 6, 8, ...; 2 levels) x 2 cross-validation folds
 on 8 synthetic phantoms of 16 x 64 x 64 voxels = 2 x ``--configs`` fold tasks, run as one grid
-(:func:`femurseg.distributed.run_jobs`, one :func:`femurseg.cv.run_cv` per configuration, all fold
+(:func:`femurseg.scale.distributed.run_jobs`, one :func:`femurseg.training.cv.run_cv` per configuration, all fold
 tasks queued together). Every fold task requests ``num_cpus=1`` and uses 1 torch thread.
 
 Conditions (rounds interleaved, the order alternating, so slow drifts of the machine's load hit
@@ -40,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from femurseg.run import cpu_model
+from femurseg.inference.run import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -60,8 +60,8 @@ def _grid(dataset: Path, out: Path, configs: int, epochs: int, backend: Any) -> 
     """Run the grid; returns (wall seconds, folds wall seconds or None, sum of fold training seconds)."""
     import torch
 
-    from femurseg.cv import run_cv
-    from femurseg.distributed import RayBackend, run_jobs
+    from femurseg.training.cv import run_cv
+    from femurseg.scale.distributed import RayBackend, run_jobs
 
     spans: list[tuple[float, float]] = []
     lock = threading.Lock()
@@ -98,7 +98,7 @@ def _grid(dataset: Path, out: Path, configs: int, epochs: int, backend: Any) -> 
 def _warm_up(ray: Any, n: int) -> None:
     @ray.remote(num_cpus=1)
     def warm() -> int:
-        import femurseg.cv  # noqa: F401
+        import femurseg.training.cv  # noqa: F401
         import torch  # noqa: F401  (warm the import in the worker)
 
         time.sleep(0.5)

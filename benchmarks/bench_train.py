@@ -53,7 +53,7 @@ a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 from femurseg.data import phantom
 from femurseg.data.preprocess import PreprocessConfig, preprocess_image, preprocess_label
-from femurseg.train import Sample, TrainConfig, fit, seed_everything
+from femurseg.training.fit import Sample, TrainConfig, fit, seed_everything
 from femurseg.models import build_model
 prep = PreprocessConfig()
 samples = []

@@ -13,8 +13,8 @@ Engines, interleaved in one process (``benchmarks/common.py``), each on its own 
 initial weights; one timed round = one epoch of ``steps`` optimisation steps (the one training
 volume repeated), and the figure is seconds per step:
 
-* ``femurseg``: :func:`femurseg.train.fit` for one epoch of ``steps`` samples, no validation, no
-  output folder, default :class:`~femurseg.train.TrainConfig` forced to float32 (loss "wce", Adam,
+* ``femurseg``: :func:`femurseg.training.fit.fit` for one epoch of ``steps`` samples, no validation, no
+  output folder, default :class:`~femurseg.training.fit.TrainConfig` forced to float32 (loss "wce", Adam,
   deterministic algorithms on) and default augmentation (random left-right flip). The time
   covers everything fit does: seeding, sample selection, batch assembly, augmentation, forward,
   loss, backward, Adam, and its per-call bookkeeping (optimiser set-up, keeping the best weights)
@@ -51,10 +51,10 @@ CONFIGS = {
 
 
 def make_sample(size: str):
-    """One preprocessed training :class:`femurseg.train.Sample` (image + label) for ``size``."""
+    """One preprocessed training :class:`femurseg.training.fit.Sample` (image + label) for ``size``."""
     from femurseg.data import phantom
     from femurseg.data.preprocess import PreprocessConfig, preprocess_image, preprocess_label
-    from femurseg.train import Sample
+    from femurseg.training.fit import Sample
 
     if size == "paper":
         case = phantom.generate_case(0, shape=phantom.PAPER_SHAPE, spacing=phantom.PAPER_SPACING)
@@ -80,10 +80,10 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
 
     import torch
 
-    from femurseg import train as T
-    from femurseg.cv import PRESETS
+    from femurseg.training import fit as T
+    from femurseg.training.cv import PRESETS
     from femurseg.data.augment import AugmentConfig
-    from femurseg.losses import get_loss
+    from femurseg.training.losses import get_loss
     from femurseg.models import build_model
 
     torch.set_num_threads(common.default_threads(size) if threads is None else threads)

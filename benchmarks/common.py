@@ -75,7 +75,7 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    from femurseg.run import cpu_model as from_cpuinfo
+    from femurseg.inference.run import cpu_model as from_cpuinfo
 
     return from_cpuinfo()
 
@@ -261,7 +261,7 @@ def dice(a: Any, b: Any) -> float:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write ``rows`` (union of their keys as columns, in first-seen order) atomically."""
-    from femurseg.errors import atomic_path
+    from femurseg.core.errors import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fields: list[str] = []

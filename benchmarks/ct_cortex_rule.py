@@ -5,10 +5,10 @@
 ``RUN``: a finished cascade study (``femurseg cv --task cascade`` / ``femurseg experiment ct``);
 ``DATASET``: labelled CT scans it has not seen (``femurseg synth DATA --n 16 --modality ct --seed
 1``). Each scan goes once through both stages exactly as ``femurseg predict`` runs them (all fold
-models averaged, stored PR thresholds, :func:`femurseg.ct.periosteal_mask`), and its label map is
+models averaged, stored PR thresholds, :func:`femurseg.ct.stages.periosteal_mask`), and its label map is
 built two ways from the same two outputs:
 
-* ``one-voxel``: :func:`femurseg.ct.combine_stages`, femurseg's rule: trabecular only inside the
+* ``one-voxel``: :func:`femurseg.ct.stages.combine_stages`, femurseg's rule: trabecular only inside the
   periosteal mask eroded by one voxel, so the cortex is at least one voxel thick, as in the
   reference labels;
 * ``none``: trabecular wherever stage 2 says so inside the periosteal mask.
@@ -17,7 +17,7 @@ Where stage 1 puts the surface one voxel too far out, both rules count that voxe
 it puts it one voxel too far in, the first rule turns a trabecular voxel into cortex and the second
 does not, so only the first is biased upwards in a sub-voxel cortex (the phantoms' head). Prints
 the mean relative volume error (%) and its mean sign per region and compartment, regions fitted on
-each mask (:func:`femurseg.measure.region_volume_pairs`). About 1 minute for 16 scans on 2 cores.
+each mask (:func:`femurseg.ct.measure.region_volume_pairs`). About 1 minute for 16 scans on 2 cores.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    from femurseg import io
-    from femurseg.ct import combine_stages, load_cascade_predictor, periosteal_mask, stage2_input
+    from femurseg.core import io
+    from femurseg.ct.stages import combine_stages, periosteal_mask, stage2_input
+    from femurseg.ct.predict import load_cascade_predictor
     from femurseg.data.dataset import load_checked
-    from femurseg.measure import region_volume_pairs
-    from femurseg.predict import predict_probability
-    from femurseg.run import load_run
+    from femurseg.ct.measure import region_volume_pairs
+    from femurseg.inference.predict import predict_probability
+    from femurseg.inference.run import load_run
 
     run = load_run(args.run)
     pred = load_cascade_predictor(run, device="cpu", notify=lambda m: None)

@@ -5,8 +5,8 @@
 ``RUN``: a cascade study (``femurseg cv --task cascade``) whose stage 1 has finished (stage 2 is
 not needed: a study stopped after stage 1 can be measured); ``DATASET``: its data (default: the
 one the run recorded). For every case, stage 1's out-of-fold periosteal mask
-(:func:`femurseg.ct.periosteal_mask` at the stored PR threshold) is combined with the
-*reference* trabecular region (:func:`femurseg.ct.combine_stages`), so every volume error left is
+(:func:`femurseg.ct.stages.periosteal_mask` at the stored PR threshold) is combined with the
+*reference* trabecular region (:func:`femurseg.ct.stages.combine_stages`), so every volume error left is
 stage 1's; volumes are counted in the reference's regions (each voxel in the region of the nearest
 reference bone voxel), so the region fit adds nothing. Prints the mean relative error (%) and its
 mean sign per region for the cortical and total volume, and the periosteal DSC. About 1 s per case
@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     from scipy import ndimage
     from tqdm import tqdm
 
-    from femurseg import io
-    from femurseg.ct import combine_stages, mean_oof, periosteal_mask
+    from femurseg.core import io
+    from femurseg.ct.stages import combine_stages, mean_oof, periosteal_mask
     from femurseg.data.dataset import load_checked
-    from femurseg.measure import measure_femur
-    from femurseg.metrics import overlap_metrics
-    from femurseg.regions import REGION_LABELS
-    from femurseg.run import load_run
+    from femurseg.ct.measure import measure_femur
+    from femurseg.evaluation.metrics import overlap_metrics
+    from femurseg.ct.regions import REGION_LABELS
+    from femurseg.inference.run import load_run
 
     run = Path(args.run)
     stage1 = run / "stage1"

@@ -6,11 +6,11 @@
 Out-of-fold: each case of the study's dataset is segmented by its own fold's models (the fold
 that did not train on it), once as ``femurseg predict`` does (``--tta none``) and once with
 ``--tta flip`` (both stages also see the left-right mirrored image; probabilities averaged),
-at the stored PR thresholds, with :func:`femurseg.ct.periosteal_mask` and
-:func:`femurseg.ct.combine_stages` as in prediction. ``--heldout DATASET``: the same on labelled
+at the stored PR thresholds, with :func:`femurseg.ct.stages.periosteal_mask` and
+:func:`femurseg.ct.stages.combine_stages` as in prediction. ``--heldout DATASET``: the same on labelled
 scans the run has not seen, with all fold models averaged. Prints the mean relative volume error
 (%) per region and compartment (regions fitted on each mask,
-:func:`femurseg.measure.region_volume_pairs`) and the periosteal DSC, for both modes. The ``none``
+:func:`femurseg.ct.measure.region_volume_pairs`) and the periosteal DSC, for both modes. The ``none``
 column re-derives the study's own out-of-fold numbers (a check). About 25 s per case and mode on
 2 cores at 0.8 x 0.8 x 1 mm.
 """
@@ -30,14 +30,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    from femurseg import io
-    from femurseg.ct import combine_stages, load_cascade_predictor, periosteal_mask, stage2_input
+    from femurseg.core import io
+    from femurseg.ct.stages import combine_stages, periosteal_mask, stage2_input
+    from femurseg.ct.predict import load_cascade_predictor
     from femurseg.data.dataset import load_checked
     from femurseg.data.splits import load_split
-    from femurseg.measure import region_volume_pairs
-    from femurseg.metrics import overlap_metrics
-    from femurseg.predict import predict_probability
-    from femurseg.run import load_run
+    from femurseg.ct.measure import region_volume_pairs
+    from femurseg.evaluation.metrics import overlap_metrics
+    from femurseg.inference.predict import predict_probability
+    from femurseg.inference.run import load_run
 
     run = load_run(args.run)
     opts = run.config["cascade"]

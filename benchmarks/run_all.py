@@ -13,7 +13,7 @@ training_demo       train step, 3D U-Net F16 L3, femurseg fit vs plain loop     
 training_paper      train step, 3D U-Net F32 L4 (dilated), 48x256x256 (2 repeats)       training_paper.csv
 ceiling             matmul / conv GFLOP/s and the network's fraction of them            ceiling_paper.csv
 metrics             ASD/MSD/HD95 on 48x512x512, femurseg vs MONAI (bench_metrics.py)    metrics.csv
-levers_demo         every femurseg.accel mode on the demo input                         levers_demo.csv
+levers_demo         every femurseg.inference.accel mode on the demo input                         levers_demo.csv
 ==================  ==================================================================  =========
 
 ``--quick`` (a few minutes): fewer repeats, no paper-size training, no lever sweep.
@@ -95,7 +95,7 @@ def _steps(quick: bool) -> list[tuple[str, Callable[[Path], Any]]]:
                 net = {k: [float(v) for v in rows[k]["seconds_per_round"].split()] for k in keys}
                 net_cpu = {k: [float(rows[k]["cpu_seconds_median"])] for k in keys if rows[k].get("cpu_seconds_median")}
         if net:  # name the default path's precision (accel "auto": "mixed" where bfloat16 is native)
-            from femurseg import accel
+            from femurseg.inference import accel
 
             tag = f"femurseg-network={accel.resolve_mode('auto', 'cpu')}"
             net = {tag if k == "femurseg-network" else k: v for k, v in net.items()}
@@ -292,7 +292,7 @@ def write_summary(out: Path, started: str = "", elapsed_s: float | None = None) 
     if findings.exists():
         L += [findings.read_text().strip(), ""]
     path = out / "SUMMARY.md"
-    from femurseg.errors import atomic_path
+    from femurseg.core.errors import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

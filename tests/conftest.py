@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny run folders with fixed random weights (for predict / export / DICOM SEG tests).
 
-The runs are written in the run layout of :mod:`femurseg.run` through its own helpers
+The runs are written in the run layout of :mod:`femurseg.inference.run` through its own helpers
 (``config.json``, ``fold_<k>/best.pt`` + ``state.json``, optional ``thresholds.json``), with
 seeded, randomly initialised networks: no training, so they build in well under a second.
 """
@@ -22,7 +22,7 @@ def make_run(path: Path, model_cfg: dict[str, Any], *, k: int = 2, prep: dict[st
              thresholds: dict[str, float] | None = None, seed: int = 0, extra: dict[str, Any] | None = None) -> Path:
     """Write a run folder with ``k`` seeded random models of ``model_cfg``; returns ``path``."""
     from femurseg.models import build_model
-    from femurseg.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, save_checkpoint, write_json
+    from femurseg.inference.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, save_checkpoint, write_json
 
     path.mkdir(parents=True, exist_ok=True)
     full_cfg = None

@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from femurseg import io
+from femurseg.core import io
 
 
 def ball(shape=(12, 20, 24), centre=None, radius=5.0, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""femurseg.accel: every mode gives the model's logits, falls back instead of failing, caches per weights."""
+"""femurseg.inference.accel: every mode gives the model's logits, falls back instead of failing, caches per weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from femurseg import accel
+from femurseg.inference import accel
 from femurseg.models import build_model
 
 
@@ -207,7 +207,7 @@ def test_autocast_context():
 
 
 def test_infer_uses_accel_and_agrees_with_plain(monkeypatch):
-    from femurseg.infer import predict_prob
+    from femurseg.inference.tiling import predict_prob
 
     model = _unet3d()
     image = np.random.default_rng(0).normal(size=(8, 24, 24)).astype(np.float32)

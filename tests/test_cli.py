@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from femurseg import io
+from femurseg.core import io
 from femurseg.cli import app
 from femurseg.data.dataset import MR_LABELS, write_dataset
 from helpers import ball

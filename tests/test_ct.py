@@ -7,10 +7,16 @@ import warnings
 import numpy as np
 import pytest
 
-from femurseg import ct
+from femurseg.ct.evaluate import cascade_tables, format_cascade_report
+from femurseg.ct.femurs import CropBox, crop_femur_dataset, dataset_femur_crop, femur_boxes, find_femurs, split_sides
+from femurseg.ct.hu import HUWarning, check_hu, normalise_hu
+from femurseg.ct.predict import predict_cascade
+from femurseg.ct.stages import COMPARTMENTS, _ensemble_threshold, cascade_probabilities, combine_stages, mask_outside, mean_oof, periosteal_mask, prepare_cascade_data, stage2_input, stage_names
+from femurseg.ct.train import cascade_configs, run_cascade_cv
+from femurseg.experiments.ct_study import describe_cascade
 from femurseg.data import phantom
 from femurseg.data.preprocess import PreprocessConfig, normalise
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,7 @@ def bilateral_case():
 def test_hu_image_passes_silently(ct_case):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ct.check_hu(ct_case.image, "ct.nii.gz") is True
+        assert check_hu(ct_case.image, "ct.nii.gz") is True
 
 
 @pytest.mark.parametrize("transform,reason", [
@@ -36,8 +42,8 @@ def test_hu_image_passes_silently(ct_case):
 ])
 def test_non_hu_image_warns_with_observed_range(ct_case, transform, reason):
     img = transform(ct_case.image.astype(np.float64))
-    with pytest.warns(ct.HUWarning, match="do not look like Hounsfield units") as rec:
-        assert ct.check_hu(img, "scan.nii.gz") is False
+    with pytest.warns(HUWarning, match="do not look like Hounsfield units") as rec:
+        assert check_hu(img, "scan.nii.gz") is False
     msg = str(rec[0].message)
     assert msg.startswith("scan.nii.gz: ") and reason in msg
     assert f"observed min {img.min():.4g}" in msg and f"max {img.max():.4g}" in msg
@@ -45,7 +51,7 @@ def test_non_hu_image_warns_with_observed_range(ct_case, transform, reason):
 
 def test_normalise_hu_is_the_preprocess_ct_window():
     a = np.linspace(-1000, 3000, 101, dtype=np.float32).reshape(1, 1, -1)
-    out = ct.normalise_hu(a, (-200, 1800))
+    out = normalise_hu(a, (-200, 1800))
     ref, _ = normalise(a, PreprocessConfig(crop_slices=None, scale=None, normalise="ct", ct_window=(-200, 1800)))
     assert np.array_equal(out, ref) and out.min() == 0.0 and out.max() == 1.0
 
@@ -53,7 +59,7 @@ def test_normalise_hu_is_the_preprocess_ct_window():
 def test_crop_box_round_trip_with_mirror_and_padding():
     rng = np.random.default_rng(0)
     full = rng.normal(size=(10, 12, 14)).astype(np.float32)
-    box = ct.CropBox("right", (-2, 3, 5), (6, 15, 12), full.shape, mirrored=True)
+    box = CropBox("right", (-2, 3, 5), (6, 15, 12), full.shape, mirrored=True)
     crop = box.crop(full, fill=-7)
     assert crop.shape == (8, 12, 7)
     assert np.all(crop[:2] == -7) and np.all(crop[:, 9:] == -7)  # outside the image: fill
@@ -65,13 +71,13 @@ def test_crop_box_round_trip_with_mirror_and_padding():
     # channels-first arrays (class probabilities) go through the same way
     probs = np.stack([full, -full])
     assert np.array_equal(box.paste(box.crop(probs))[:, inside], probs[:, inside])
-    assert ct.CropBox.from_dict(box.to_dict()) == box
+    assert CropBox.from_dict(box.to_dict()) == box
     with pytest.raises(FemursegError, match="shape"):
         box.paste(crop[:-1])
 
 
 def test_single_hip_box_holds_the_femur(ct_case):
-    boxes = ct.femur_boxes(ct_case.image, ct_case.spacing)
+    boxes = femur_boxes(ct_case.image, ct_case.spacing)
     assert len(boxes) == 1 and boxes[0].side == ct_case.meta["side"]
     fem = ct_case.label > 0
     assert boxes[0].crop(fem).sum() == fem.sum()
@@ -81,10 +87,10 @@ def test_single_hip_box_holds_the_femur(ct_case):
 
 def test_bilateral_scan_gives_one_box_per_side(bilateral_case):
     img, lab = bilateral_case.image, bilateral_case.label > 0
-    boxes = ct.femur_boxes(img, bilateral_case.spacing, mirror_to="left")
+    boxes = femur_boxes(img, bilateral_case.spacing, mirror_to="left")
     assert [b.side for b in boxes] == ["right", "left"]
     assert boxes[0].mirrored and not boxes[1].mirrored
-    halves = ct.split_sides(lab)
+    halves = split_sides(lab)
     assert set(halves) == {"right", "left"}
     for b in boxes:
         own, other = halves[b.side], halves["left" if b.side == "right" else "right"]
@@ -98,11 +104,11 @@ def test_bilateral_scan_gives_one_box_per_side(bilateral_case):
 
 def test_no_bone_is_an_error():
     with pytest.raises(FemursegError, match="no bone above"):
-        ct.find_femurs(np.full((8, 8, 8), 40.0, np.float32), (1.0, 1.0, 1.0))
+        find_femurs(np.full((8, 8, 8), 40.0, np.float32), (1.0, 1.0, 1.0))
 
 
 def _write_ct_dataset(root, cases):
-    from femurseg import io
+    from femurseg.core import io
     from femurseg.data.dataset import CT_LABELS, write_dataset
 
     vols = []
@@ -113,24 +119,24 @@ def _write_ct_dataset(root, cases):
 
 
 def test_crop_femur_dataset_one_case_per_labelled_femur(tmp_path, bilateral_case):
-    from femurseg import io
+    from femurseg.core import io
     from femurseg.data.dataset import load_checked
     from femurseg.data.splits import split_dataset
 
     c = bilateral_case
-    halves = ct.split_sides(c.label > 0)
+    halves = split_sides(c.label > 0)
     left_only = np.where(halves["left"], c.label, 0)  # 003: only the left femur labelled
     src = _write_ct_dataset(tmp_path / "src", [("s01", c.image, c.label, c.spacing),
                                                 ("s02", c.image, left_only, c.spacing),
                                                 ("s03", c.image, c.label, c.spacing)])
-    out = ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+    out = crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
     ids = [x.case_id for x in out.cases]
     assert ids == ["s01_right", "s01_left", "s02_left", "s03_right", "s03_left"]
     ds = load_checked(tmp_path / "crops", progress=False)
-    assert ds.modality == "CT" and ct.dataset_femur_crop(tmp_path / "crops") == 15.0
-    assert ct.dataset_femur_crop(src.root) is None
+    assert ds.modality == "CT" and dataset_femur_crop(tmp_path / "crops") == 15.0
+    assert dataset_femur_crop(src.root) is None
     full = io.read_image(src.cases[0].image)
-    boxes = {b.side: b for b in ct.femur_boxes(c.image, c.spacing)}
+    boxes = {b.side: b for b in femur_boxes(c.image, c.spacing)}
     for case in ds.cases:
         side = case.case_id.split("_")[1]
         img, lab = io.read_image(case.image), io.read_image(case.label, dtype=None)
@@ -147,15 +153,15 @@ def test_crop_femur_dataset_one_case_per_labelled_femur(tmp_path, bilateral_case
         assert len({cid.split("_")[0] for cid in f}) * 2 >= len(f)
     assert {split.fold_of("s01_right")} == {split.fold_of("s01_left")}
     with pytest.raises(FemursegError, match="not empty"):
-        ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+        crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
 
 
 def test_cascade_on_crops_warns_when_hips_may_split(tmp_path, bilateral_case, monkeypatch, capsys):
-    from femurseg import cv
+    from femurseg.training import cv
 
     c = bilateral_case
     src = _write_ct_dataset(tmp_path / "src", [(f"s0{i}", c.image, c.label, c.spacing) for i in range(2)])
-    ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+    crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
 
     class Stop(Exception):
         pass
@@ -166,7 +172,7 @@ def test_cascade_on_crops_warns_when_hips_may_split(tmp_path, bilateral_case, mo
     monkeypatch.setattr(cv, "run_cv", no_training)
     for group_by, warned in (("case", True), ("subject", False)):
         with pytest.raises(Stop):
-            ct.run_cascade_cv(tmp_path / "crops", tmp_path / f"run_{group_by}", folds=2, group_by=group_by, progress=False)
+            run_cascade_cv(tmp_path / "crops", tmp_path / f"run_{group_by}", folds=2, group_by=group_by, progress=False)
         assert ("two hips of one scan may land in different folds" in capsys.readouterr().err) is warned
 
 
@@ -175,16 +181,16 @@ def test_crop_femur_dataset_refuses_labels_outside_the_boxes(tmp_path, ct_case):
     lab[32, 64, -1] = 2  # a labelled voxel at the image border, far from the femur
     src = _write_ct_dataset(tmp_path / "src", [("s01", ct_case.image, lab, ct_case.spacing)])
     with pytest.raises(FemursegError, match="s01: 1 labelled voxels lie outside the femur boxes"):
-        ct.crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
+        crop_femur_dataset(src.root, tmp_path / "crops", progress=False)
     assert not (tmp_path / "crops").exists() and not (tmp_path / ".crops.partial").exists()
 
 
 def test_cascade_trained_on_crops_segments_a_whole_bilateral_scan(tmp_path):
     """Whole scans -> crop-femurs -> cascade cv -> predict on a whole scan: labels land in the
     femur boxes of the scan, on its grid and geometry (1 epoch: the mask itself is not judged)."""
-    from femurseg import io
+    from femurseg.core import io
     from femurseg.cli import app
-    from femurseg.predict import load_predictor, outputs_for, predict_file
+    from femurseg.inference.predict import load_predictor, outputs_for, predict_file
     from typer.testing import CliRunner
 
     cases = []
@@ -194,7 +200,7 @@ def test_cascade_trained_on_crops_segments_a_whole_bilateral_scan(tmp_path):
     src = _write_ct_dataset(tmp_path / "src", cases)
     res = CliRunner().invoke(app, ["crop-femurs", str(src.root), str(tmp_path / "crops")])
     assert res.exit_code == 0 and "wrote 4 femur crops from 2 scans" in res.output
-    ct.run_cascade_cv(tmp_path / "crops", tmp_path / "run", folds=2, group_by="subject",
+    run_cascade_cv(tmp_path / "crops", tmp_path / "run", folds=2, group_by="subject",
                       model_cfg={"features": 4, "levels": 2},
                       train_cfg={"max_epochs": 1, "min_epochs": 0, "patience": 1}, progress=False)
     pred = load_predictor(tmp_path / "run", device="cpu")
@@ -204,7 +210,7 @@ def test_cascade_trained_on_crops_segments_a_whole_bilateral_scan(tmp_path):
     seg, scan = io.read_image(out.outputs.mask, dtype=None), io.read_image(src.cases[0].image)
     assert seg.data.shape == scan.data.shape and np.allclose(seg.affine, scan.affine)
     inside = np.zeros(scan.data.shape, bool)
-    for box in ct.femur_boxes(scan.data, scan.spacing):
+    for box in femur_boxes(scan.data, scan.spacing):
         inside |= box.paste(np.ones(box.shape, bool), fill=0).astype(bool)
     assert not inside.all() and np.count_nonzero(seg.data[~inside]) == 0
     assert np.count_nonzero(seg.data[inside]) > 0
@@ -214,8 +220,8 @@ def test_predict_crops_every_femur_when_trained_on_crops(monkeypatch, ct_case):
     """A cascade trained on crop_femur_dataset's crops sees the same box at predict time."""
     import types
 
-    from femurseg import io
-    from femurseg import predict as predict_mod
+    from femurseg.core import io
+    from femurseg.inference import predict as predict_mod
 
     shapes = []
 
@@ -226,12 +232,12 @@ def test_predict_crops_every_femur_when_trained_on_crops(monkeypatch, ct_case):
     monkeypatch.setattr(predict_mod, "predict_probability", fake_probability)
     stage = types.SimpleNamespace(thresholds={"pr": 0.5})
     vol = io.make_volume(ct_case.image.astype(np.float32), ct_case.spacing)
-    box = ct.femur_boxes(ct_case.image, ct_case.spacing, margin_mm=10.0)[0]
+    box = femur_boxes(ct_case.image, ct_case.spacing, margin_mm=10.0)[0]
     assert box.shape != vol.data.shape  # the phantom's field of view is larger than the box
     for margin, expected in ((None, vol.data.shape), (10.0, box.shape)):
         shapes.clear()
         pred = types.SimpleNamespace(stages=(stage, stage), config={"cascade": {"femur_crop_margin_mm": margin}})
-        probs = ct.predict_cascade(pred, vol)
+        probs = predict_cascade(pred, vol)
         assert probs.shape == (3, *vol.data.shape)
         assert shapes == [expected, expected]
 
@@ -243,15 +249,15 @@ def test_stage2_input_masks_outside_the_dilated_periosteal_region():
     img = np.arange(5 * 9 * 9, dtype=np.float32).reshape(5, 9, 9) + 100
     peri = np.zeros(img.shape, bool)
     peri[2, 4, 4] = True
-    same = ct.stage2_input(img, peri, (1.0, 1.0, 1.0), dilate_mm=0.0, fill_hu=-1024)
+    same = stage2_input(img, peri, (1.0, 1.0, 1.0), dilate_mm=0.0, fill_hu=-1024)
     assert same[2, 4, 4] == img[2, 4, 4] and np.count_nonzero(same != -1024) == 1
     # 1 mm dilation at spacing (2, 1, 1): the in-plane cross only (the coronal neighbours are 2 mm away)
-    dil = ct.stage2_input(img, peri, (2.0, 1.0, 1.0), dilate_mm=1.0, fill_hu=-1024)
+    dil = stage2_input(img, peri, (2.0, 1.0, 1.0), dilate_mm=1.0, fill_hu=-1024)
     kept = dil != -1024
     assert kept.sum() == 5 and kept[2, 3, 4] and kept[2, 4, 5] and not kept[1, 4, 4]
     assert np.array_equal(dil[kept], img[kept])
     with pytest.raises(FemursegError, match="shape"):
-        ct.mask_outside(img, peri[:-1])
+        mask_outside(img, peri[:-1])
 
 
 def test_periosteal_mask_fills_holes_and_removes_spurs_but_keeps_the_bone():
@@ -262,7 +268,7 @@ def test_periosteal_mask_fills_holes_and_removes_spurs_but_keeps_the_bone():
     prob[11:13, 11:13, 11:13] = 0.1  # a cavity inside the bone
     prob[11, 11, 20:23] = 0.9  # a one-voxel spur out of the surface
     prob[2, 2, 2] = 0.9  # a separate speck
-    m = ct.periosteal_mask(prob, 0.5, (1.0, 1.0, 1.0))
+    m = periosteal_mask(prob, 0.5, (1.0, 1.0, 1.0))
     assert m.dtype == bool and m[11:13, 11:13, 11:13].all()
     assert not m[11, 11, 21:23].any() and not m[2, 2, 2]  # the spur's base voxel may stay
     # the 1 mm opening only rounds the voxelised sphere's surface: within 3 % of its volume
@@ -270,19 +276,19 @@ def test_periosteal_mask_fills_holes_and_removes_spurs_but_keeps_the_bone():
 
 
 def test_combine_stages_keeps_a_cortex_and_matches_segment():
-    from femurseg.predict import segment
+    from femurseg.inference.predict import segment
 
     g = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
     d = np.sqrt(sum((x - 9.5) ** 2 for x in g))
     peri = d <= 8
     endo_prob = np.clip(7.5 - d, 0, 1).astype(np.float32)  # reaches out to the periosteal surface
-    lab = ct.combine_stages(peri, endo_prob, 0.5)
+    lab = combine_stages(peri, endo_prob, 0.5)
     assert set(np.unique(lab)) == {0, 1, 2}
     assert np.array_equal(lab > 0, peri)  # cortical + trabecular = periosteal
     from scipy import ndimage
 
     assert not (ndimage.binary_dilation(lab == 0) & (lab == 1)).any()  # label 1 never touches background
-    probs = ct.cascade_probabilities(peri.astype(np.float32), peri, endo_prob, 0.5)
+    probs = cascade_probabilities(peri.astype(np.float32), peri, endo_prob, 0.5)
     assert probs.shape == (3, *peri.shape) and np.allclose(probs.sum(0), 1)
     seg, _ = segment(probs, (1.0, 1.0, 1.0), threshold=0.5, postprocess="none")
     assert np.array_equal(seg, lab)
@@ -291,7 +297,7 @@ def test_combine_stages_keeps_a_cortex_and_matches_segment():
 def test_predict_labels_are_the_evaluated_cascade_labels():
     """segment() of cascade_probabilities at the stored stage-1 threshold and predict's default
     post-processing returns combine_stages(periosteal_mask(...)): holes filled, spurs removed."""
-    from femurseg.predict import DEFAULT_POSTPROCESS, segment
+    from femurseg.inference.predict import DEFAULT_POSTPROCESS, segment
 
     g = np.meshgrid(*[np.arange(24)] * 3, indexing="ij")
     d = np.sqrt(sum((x - 11.5) ** 2 for x in g))
@@ -299,38 +305,38 @@ def test_predict_labels_are_the_evaluated_cascade_labels():
     p[11, 11, 11] = 0.2  # a hole inside the bone
     p[11, 11, 21:23] = 0.8  # a one-voxel spur
     thr1, thr2 = 0.537, 0.41
-    peri = ct.periosteal_mask(p, thr1, (1.0, 1.0, 1.0))
+    peri = periosteal_mask(p, thr1, (1.0, 1.0, 1.0))
     assert peri[11, 11, 11] and not peri[11, 11, 22] and not np.array_equal(peri, p >= thr1)
     q = np.clip(7.0 - d, 0, 1).astype(np.float32)
-    want = ct.combine_stages(peri, q, thr2)
-    probs = ct.cascade_probabilities(p, peri, q, thr2, thr1)
+    want = combine_stages(peri, q, thr2)
+    probs = cascade_probabilities(p, peri, q, thr2, thr1)
     for post in (DEFAULT_POSTPROCESS, "none", "lcc+fill+open"):
         seg, used = segment(probs, (1.0, 1.0, 1.0), stored={"pr": thr1}, postprocess=post)
         assert used == pytest.approx(thr1) and np.array_equal(seg, want), post
 
 
 def test_cascade_configs_default_to_a_binary_vnet():
-    cfg = ct.cascade_configs("demo")
+    cfg = cascade_configs("demo")
     assert cfg["model"]["name"] == "vnet" and cfg["model"]["num_classes"] == 2
     assert cfg["preprocess"]["normalise"] == "ct"
     assert cfg["train"]["min_epochs"] == cfg["train"]["max_epochs"]  # the whole schedule, no early stop
-    unet = ct.cascade_configs("demo", model_cfg={"name": "unet3d", "features": 4})
+    unet = cascade_configs("demo", model_cfg={"name": "unet3d", "features": 4})
     assert unet["model"] == {"name": "unet3d", "features": 4, "levels": 4, "norm": "instance", "num_classes": 2}
     with pytest.raises(FemursegError, match="scale"):
-        ct.cascade_configs("huge")
+        cascade_configs("huge")
 
 
 @pytest.mark.slow
 def test_cascade_cv_and_predict_end_to_end(tmp_path):
     """A tiny cascade (1 epoch, 2 folds) runs through cv, evaluation and predict."""
-    from femurseg import io
+    from femurseg.core import io
     from femurseg.data.synth import synthesize
-    from femurseg.predict import load_predictor, outputs_for, predict_file
+    from femurseg.inference.predict import load_predictor, outputs_for, predict_file
 
     ds = synthesize(tmp_path / "ds", n=4, modality="ct", seed=1, shape=(32, 64, 64), spacing=(2.0, 2.0, 2.0),
                     progress=False)
     run = tmp_path / "run"
-    summary = ct.run_cascade_cv(ds.root, run, folds=2, model_cfg={"features": 4, "levels": 2},
+    summary = run_cascade_cv(ds.root, run, folds=2, model_cfg={"features": 4, "levels": 2},
                                 train_cfg={"max_epochs": 1, "min_epochs": 0, "patience": 1, "patch_size": [16, 32, 32]},
                                 progress=False)
     assert summary["cases"] == 4 and 0 <= summary["mean_periosteal_dsc"] <= 1
@@ -339,7 +345,7 @@ def test_cascade_cv_and_predict_end_to_end(tmp_path):
         assert (run / f).exists(), f
     assert len(list((run / "oof_labels").glob("*.nii.gz"))) == 4
     # `femurseg evaluate --run` reads the cascade's label maps: per-compartment rows, same numbers
-    from femurseg.evaluate import evaluate_command
+    from femurseg.evaluation.evaluate import evaluate_command
 
     rows, _ = evaluate_command(tmp_path / "ev.csv", run=run, progress=False)
     assert len(rows) == 4 and (tmp_path / "ev.csv").exists()
@@ -361,16 +367,16 @@ def test_cascade_tables_follow_003_tables_1_and_2():
          "ref_mean_cm3": 40.0, "ref_sd_cm3": 5.0}
     summary = {"cases": 4, "volume_errors": {"own": {"head/total": e, "neck/cortical": e},
                                              "reference": {"head/total": e, "neck/cortical": e}}}
-    for name in ct.COMPARTMENTS:
+    for name in COMPARTMENTS:
         for key in ("dsc", "asd_mm", "specificity", "sensitivity"):
             summary[f"mean_{name}_{key}"], summary[f"sd_{name}_{key}"] = 0.9, 0.01
-    t1, t2 = ct.cascade_tables(summary)
+    t1, t2 = cascade_tables(summary)
     assert [r["surface"] for r in t1] == ["periosteal", "endosteal", "cortical"]
     assert set(t1[0]) >= {"DSC", "ASD_mm", "SP", "SN"}
     assert [r["target"] for r in t2] == ["Femur head", "Cortical bone in femur neck"]
-    text = ct.format_cascade_report(summary)
+    text = format_cascade_report(summary)
     assert "Table 1" in text and "Table 2" in text and "Femur head" in text
-    assert "vnet" in ct.describe_cascade("demo")
+    assert "vnet" in describe_cascade("demo")
 
 
 def test_stage2_data_masked_with_stage1_out_of_fold_masks(tmp_path):
@@ -378,7 +384,7 @@ def test_stage2_data_masked_with_stage1_out_of_fold_masks(tmp_path):
     perfect stage 1 with a stray blob the largest-component step removes)."""
     import json
 
-    from femurseg import io
+    from femurseg.core import io
     from femurseg.data.synth import synthesize
 
     ds = synthesize(tmp_path / "ds", n=2, modality="ct", seed=2, shape=(24, 48, 48), spacing=(2.0, 2.5, 2.5),
@@ -391,8 +397,8 @@ def test_stage2_data_masked_with_stage1_out_of_fold_masks(tmp_path):
         prob = (np.asarray(lab.data) > 0).astype(np.float32)
         prob[0, :2, :2] = 1.0  # a blob away from the femur: not part of the stage-1 mask
         io.write_like(s1 / "oof" / f"{case.case_id}.nii.gz", prob, lab, np.float32)
-    m_ref = ct.prepare_cascade_data(ds, tmp_path / "data", 2, progress=False)
-    m_oof = ct.prepare_cascade_data(ds, tmp_path / "data", 2, progress=False, stage1_run=s1)
+    m_ref = prepare_cascade_data(ds, tmp_path / "data", 2, progress=False)
+    m_oof = prepare_cascade_data(ds, tmp_path / "data", 2, progress=False, stage1_run=s1)
     assert m_ref.name == "stage2.csv" and m_oof.name == "stage2_oof.csv"
     for case in ds.cases:
         a = io.read_image(tmp_path / "data" / "stage2_images" / f"{case.case_id}.nii.gz").data
@@ -400,7 +406,7 @@ def test_stage2_data_masked_with_stage1_out_of_fold_masks(tmp_path):
         np.testing.assert_array_equal(a, b)  # perfect stage 1: the same input as the reference mask
         assert b[0, 0, 0] == -1024.0
     with pytest.raises(FemursegError, match="stage2_mask"):
-        ct.run_cascade_cv(ds.root, tmp_path / "run", stage2_mask="predicted", progress=False)
+        run_cascade_cv(ds.root, tmp_path / "run", stage2_mask="predicted", progress=False)
 
 
 def test_seed_ensemble_names_mean_and_threshold(tmp_path):
@@ -408,14 +414,14 @@ def test_seed_ensemble_names_mean_and_threshold(tmp_path):
     it (a single run keeps its stored threshold)."""
     import json
 
-    from femurseg import io
+    from femurseg.core import io
     from femurseg.data.synth import synthesize
-    from femurseg.thresholds import pr_threshold
+    from femurseg.inference.thresholds import pr_threshold
 
-    assert ct.stage_names(1) == (["stage1"], ["stage2"])
-    assert ct.stage_names(3) == (["stage1", "stage1_seed1", "stage1_seed2"], ["stage2", "stage2_seed1", "stage2_seed2"])
+    assert stage_names(1) == (["stage1"], ["stage2"])
+    assert stage_names(3) == (["stage1", "stage1_seed1", "stage1_seed2"], ["stage2", "stage2_seed1", "stage2_seed2"])
     with pytest.raises(FemursegError, match="seeds"):
-        ct.stage_names(0)
+        stage_names(0)
     ds = synthesize(tmp_path / "ds", n=2, modality="ct", seed=3, shape=(24, 48, 48), spacing=(2.0, 2.5, 2.5),
                     progress=False)
     rng = np.random.default_rng(0)
@@ -428,13 +434,13 @@ def test_seed_ensemble_names_mean_and_threshold(tmp_path):
             prob = np.clip((np.asarray(lab.data) > 0) * 0.7 + rng.uniform(0, 0.3 + 0.2 * i, lab.data.shape), 0, 1)
             io.write_like(r / "oof" / f"{case.case_id}.nii.gz", prob.astype(np.float32), lab, np.float32)
     ids = [c.case_id for c in ds.cases]
-    m = ct.mean_oof(runs, ids[0])
+    m = mean_oof(runs, ids[0])
     a, b = (io.read_image(r / "oof" / f"{ids[0]}.nii.gz").data for r in runs)
     assert np.allclose(m, (a + b) / 2)
-    assert ct._ensemble_threshold(runs[:1], ds, ids, 1) == pytest.approx(0.3)
+    assert _ensemble_threshold(runs[:1], ds, ids, 1) == pytest.approx(0.3)
     refs = [np.asarray(io.read_image(c.label, dtype=None).data) > 0 for c in ds.cases]
-    expect = pr_threshold([ct.mean_oof(runs, c) for c in ids], refs)
-    assert ct._ensemble_threshold(runs, ds, ids, 1) == pytest.approx(expect)
+    expect = pr_threshold([mean_oof(runs, c) for c in ids], refs)
+    assert _ensemble_threshold(runs, ds, ids, 1) == pytest.approx(expect)
 
 
 @pytest.mark.slow
@@ -444,16 +450,16 @@ def test_cascade_adds_seeds_on_resume(tmp_path):
     import json
 
     from femurseg.data.synth import synthesize
-    from femurseg.predict import load_predictor
+    from femurseg.inference.predict import load_predictor
 
     ds = synthesize(tmp_path / "ds", n=4, modality="ct", seed=1, shape=(32, 64, 64), spacing=(2.0, 2.0, 2.0),
                     progress=False)
     run = tmp_path / "run"
     kw = dict(folds=2, model_cfg={"features": 4, "levels": 2}, progress=False,
               train_cfg={"max_epochs": 1, "min_epochs": 0, "patience": 1, "patch_size": [16, 32, 32]})
-    ct.run_cascade_cv(ds.root, run, **kw)
+    run_cascade_cv(ds.root, run, **kw)
     before = (run / "stage1" / "fold_0" / "best.pt").stat().st_mtime_ns
-    summary = ct.run_cascade_cv(ds.root, run, seeds=2, resume=True, **kw)
+    summary = run_cascade_cv(ds.root, run, seeds=2, resume=True, **kw)
     cfg = json.loads((run / "config.json").read_text())["cascade"]
     assert cfg["seeds"] == 2 and cfg["stages"] == ["stage1", "stage1_seed1", "stage2", "stage2_seed1"]
     assert (run / "stage1" / "fold_0" / "best.pt").stat().st_mtime_ns == before  # seed 0 not retrained
@@ -463,7 +469,7 @@ def test_cascade_adds_seeds_on_resume(tmp_path):
     assert [len(p.models) for p in pred.stages] == [4, 4]  # 2 folds x 2 seeds per stage
     assert pred.stages[0].thresholds["pr"] == pytest.approx(summary["thresholds"]["stage1_pr"])
     with pytest.raises(FemursegError, match="drop"):
-        ct.run_cascade_cv(ds.root, run, seeds=1, resume=True, **kw)
+        run_cascade_cv(ds.root, run, seeds=1, resume=True, **kw)
 
 
 def test_ct_benchmarks_reproduce_the_cascade_evaluation(tmp_path, capsys):
@@ -482,7 +488,7 @@ def test_ct_benchmarks_reproduce_the_cascade_evaluation(tmp_path, capsys):
     test = synthesize(tmp_path / "test", n=1, modality="ct", seed=2, shape=(32, 64, 64), spacing=(2.0, 2.0, 2.0),
                       progress=False)
     run = tmp_path / "run"
-    summary = ct.run_cascade_cv(ds.root, run, folds=2, model_cfg={"features": 4, "levels": 2},
+    summary = run_cascade_cv(ds.root, run, folds=2, model_cfg={"features": 4, "levels": 2},
                                 train_cfg={"max_epochs": 2, "min_epochs": 0, "patience": 2},
                                 progress=False)
     want = summary["mean_periosteal_dsc"]

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from femurseg import io
-from femurseg.cv import resolve_configs, run_cv, run_train
-from femurseg.errors import FemursegError
-from femurseg.run import load_run
+from femurseg.core import io
+from femurseg.training.cv import resolve_configs, run_cv, run_train
+from femurseg.core.errors import FemursegError
+from femurseg.inference.run import load_run
 
 TINY = {"model_cfg": {"features": 4, "levels": 2}, "prep_cfg": {"scale": None, "crop_slices": 14},
         "train_cfg": {"max_epochs": 2, "min_epochs": 0, "lr": 5e-3, "threads": 1}, "progress": False}
@@ -81,7 +81,7 @@ def test_cv_end_to_end(cv_run, tiny):
 
 def test_load_models_and_predict(cv_run, tiny):
     from femurseg.data.preprocess import preprocess_image, restore
-    from femurseg.infer import predict_prob
+    from femurseg.inference.tiling import predict_prob
 
     run = load_run(cv_run[0])
     models = run.load_models("all", device="cpu")
@@ -96,7 +96,7 @@ def test_load_models_and_predict(cv_run, tiny):
 
 
 def test_resume_finished_run_is_a_no_op_and_plot(cv_run, tiny):
-    from femurseg.report.training import plot_training
+    from femurseg.evaluation.report.training import plot_training
 
     out = cv_run[0]
     before = (out / "fold_0" / "best.pt").stat().st_mtime_ns
@@ -187,7 +187,7 @@ def test_parallel_fold_processes_match_the_sequential_run(cv_run, tiny, tmp_path
     """workers=2 (one spawned process per fold, 1 thread each) gives the weights of workers=1."""
     import torch
 
-    from femurseg.cv import local_workers
+    from femurseg.training.cv import local_workers
 
     out = tmp_path / "parallel"
     run_cv(tiny, out, folds=2, seed=5, workers=2, **TINY)

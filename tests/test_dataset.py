@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from femurseg import io
+from femurseg.core import io
 from femurseg.data.dataset import MR_LABELS, check_dataset, load_checked, load_dataset, write_dataset
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 from helpers import ball
 
 

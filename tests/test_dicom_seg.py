@@ -10,10 +10,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from femurseg import __version__, io
-from femurseg import predict as P
-from femurseg.dicom_seg import write_dicom_seg
-from femurseg.errors import FemursegError
+from femurseg import __version__
+from femurseg.core import io
+from femurseg.inference import predict as P
+from femurseg.core.dicom_seg import write_dicom_seg
+from femurseg.core.errors import FemursegError
 from helpers import ball, write_dicom_series
 
 SHAPE, SPACING = (6, 14, 16), (1.5, 0.5, 0.6)

@@ -1,4 +1,4 @@
-"""Distributed back-ends (femurseg.distributed): Ray folds and cohorts, faults, resume, DDP under torchrun.
+"""Distributed back-ends (femurseg.scale.distributed): Ray folds and cohorts, faults, resume, DDP under torchrun.
 
 The DDP test (torchrun, 2 gloo processes) needs no Ray and always runs. Ray tests share one local
 Ray instance (``ray.init(num_cpus=2)``, about 10-15 s to start on 2 cores) and skip cleanly when
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from femurseg import io
-from femurseg import predict as P
-from femurseg.distributed import RayBackend, backend_from_options, resolve_backend, run_jobs, shard_batches
-from femurseg.errors import FemursegError
+from femurseg.core import io
+from femurseg.inference import predict as P
+from femurseg.scale.distributed import RayBackend, backend_from_options, resolve_backend, run_jobs, shard_batches
+from femurseg.core.errors import FemursegError
 
 TINY_MODEL = {"name": "unet3d", "features": 4, "levels": 2, "dilations": None}
 TINY_PREP = {"crop_slices": None, "target_size": None, "scale": None}
@@ -48,7 +48,7 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_run(dataset) -> Path:
     """The reference: 2-fold CV on the local back-end."""
-    from femurseg.cv import run_cv
+    from femurseg.training.cv import run_cv
 
     out = dataset.parent / "run_local"
     prev = torch.get_num_threads()
@@ -158,8 +158,8 @@ def test_local_backend_needs_no_ray(tmp_path):
     code = """
 import sys
 sys.modules["ray"] = None  # import ray -> ImportError
-from femurseg.distributed import resolve_backend, run_jobs, ray_available
-from femurseg.errors import FemursegError
+from femurseg.scale.distributed import resolve_backend, run_jobs, ray_available
+from femurseg.core.errors import FemursegError
 assert not ray_available() and resolve_backend("local") is None
 assert run_jobs([lambda: 1, lambda: 2], "local") == [1, 2]
 try:
@@ -195,7 +195,7 @@ def test_local_resume_skips_complete_outputs(local_run, cohort, tmp_path):
 
 
 def test_cv_on_ray_equals_local(ray_local, dataset, local_run):
-    from femurseg.cv import run_cv
+    from femurseg.training.cv import run_cv
 
     out = dataset.parent / "run_ray"
     res = run_cv(dataset, out, backend=RayBackend(num_cpus=1), **CV_KW)
@@ -207,7 +207,7 @@ def test_cv_on_ray_equals_local(ray_local, dataset, local_run):
 def test_cv_on_ray_survives_a_killed_worker(ray_local, dataset, local_run, tmp_path):
     """Fold 1's worker is killed (os._exit) after its first epoch's checkpoint; Ray retries the task,
     which resumes from last.pt (epoch 1 is not trained again) and ends with the failure-free weights."""
-    from femurseg.cv import run_cv
+    from femurseg.training.cv import run_cv
 
     out = dataset.parent / "run_ray_killed"
     marker = tmp_path / "killed.json"
@@ -273,7 +273,7 @@ def test_ray_cohort_resume_after_interruption(ray_local, local_run, cohort, tmp_
 @pytest.mark.slow
 def test_grid_jobs_on_ray(ray_local, dataset, local_run):
     """run_jobs: two run_cv jobs at once on Ray (4 fold tasks queued together), same results as local."""
-    from femurseg.cv import run_cv
+    from femurseg.training.cv import run_cv
 
     outs = [dataset.parent / f"grid_{i}" for i in range(2)]
     kw = {**CV_KW, "train_cfg": {**CV_KW["train_cfg"], "max_epochs": 1, "min_epochs": 1}}
@@ -287,9 +287,10 @@ def test_grid_jobs_on_ray(ray_local, dataset, local_run):
 
 DDP_ENTRY = """
 import json, sys
-from femurseg.cv import run_train
+from femurseg.scale.distributed import init_ddp
+from femurseg.training.cv import run_train
 a = json.loads(sys.argv[1])
-run_train(a["dataset"], a["out"], ddp=True, progress=False, **a["kw"])
+run_train(a["dataset"], a["out"], dist=init_ddp(None), progress=False, **a["kw"])
 """
 
 
@@ -300,7 +301,7 @@ def test_ddp_two_cpu_ranks_equal_one_process_with_the_effective_batch(tmp_path, 
     Validation runs in float32 ("fused"): the default on a bfloat16 CPU ("mixed") turns the
     runs' last-bit weight differences into a different validation Dice (~1e-4), which is
     precision, not what this test is about."""
-    from femurseg.cv import run_train
+    from femurseg.training.cv import run_train
 
     monkeypatch.setenv("FEMURSEG_ACCEL", "fused")  # read per call, and inherited by torchrun's ranks
     from femurseg.data.synth import synthesize
@@ -326,7 +327,7 @@ def test_ddp_two_cpu_ranks_equal_one_process_with_the_effective_batch(tmp_path, 
     b = torch.load(tmp_path / "ddp" / "fold_0" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
     from femurseg.models import build_model
-    from femurseg.train import derive_seed, seed_everything
+    from femurseg.training.fit import derive_seed, seed_everything
 
     seed_everything(derive_seed(0, 0, 0))  # the initial weights, as train_fold builds them
     init = build_model(cfg["model"]).state_dict()

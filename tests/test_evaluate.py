@@ -1,4 +1,4 @@
-"""femurseg.evaluate: prediction folders and cv runs -> per-case CSV, volume summary, errors."""
+"""femurseg.evaluation.evaluate: prediction folders and cv runs -> per-case CSV, volume summary, errors."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from femurseg import io, metrics
+from femurseg.core import io
+from femurseg.evaluation import metrics
 from femurseg.data.dataset import CT_LABELS, MR_LABELS, write_dataset
-from femurseg.errors import FemursegError
-from femurseg.evaluate import (
+from femurseg.core.errors import FemursegError
+from femurseg.evaluation.evaluate import (
     evaluate_command,
     evaluate_folders,
     evaluate_run,
@@ -155,14 +156,16 @@ def test_ct_label_maps_per_compartment(tmp_path):
 
 def test_ct_phantom_rows_have_region_volumes_and_nan_fits_are_left_out():
     from femurseg.data import phantom
-    from femurseg.evaluate import evaluate_arrays
+    from femurseg.ct.measure import region_volume_columns
+    from femurseg.evaluation.evaluate import evaluate_arrays
 
     case = phantom.generate_case(3, modality="ct", artefacts=False)
     ref = case.label
     shrunk = np.where(ref == 2, np.uint8(1), ref)  # the cortex called trabecular: no cortical volume
-    rows = [{"case": "a", **evaluate_arrays(ref, ref, case.spacing)},
-            {"case": "b", **evaluate_arrays(shrunk, ref, case.spacing)},
-            {"case": "c", **evaluate_arrays(np.zeros_like(ref), ref, case.spacing)}]
+    rows = [{"case": "a", **evaluate_arrays(ref, ref, case.spacing, region_volumes=region_volume_columns)},
+            {"case": "b", **evaluate_arrays(shrunk, ref, case.spacing, region_volumes=region_volume_columns)},
+            {"case": "c", **evaluate_arrays(np.zeros_like(ref), ref, case.spacing,
+                                                   region_volumes=region_volume_columns)}]
     for r in rows:
         assert r["neck_cortical_vol_ref_cm3"] > 0 and r["combination_total_vol_ref_cm3"] > r["neck_total_vol_ref_cm3"]
     assert rows[0]["neck_cortical_vol_pred_cm3"] == rows[0]["neck_cortical_vol_ref_cm3"]

@@ -1,4 +1,4 @@
-"""femurseg.experiment: the paper grid as data, --dry-run, and the orchestration (with a fake cv)."""
+"""femurseg.experiments.paper: the paper grid as data, --dry-run, and the orchestration (with a fake cv)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from femurseg import experiment, io
+from femurseg.experiments import paper as experiment
+from femurseg.core import io
 from femurseg.data.dataset import MR_LABELS, write_dataset
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 from helpers import ball
 
 
@@ -92,9 +93,9 @@ def test_run_experiment_with_fake_training(tmp_path, monkeypatch):
         (out / "thresholds.json").write_text(json.dumps({"pr": 0.5, "youden": 0.5}))
         (out / "summary.json").write_text("{}")
 
-    import femurseg.cv
+    import femurseg.training.cv
 
-    monkeypatch.setattr(femurseg.cv, "run_cv", fake_run_cv)
+    monkeypatch.setattr(femurseg.training.cv, "run_cv", fake_run_cv)
     res = experiment.run_experiment("paper", ds, tmp_path / "exp", scale="demo", progress=False, panels=False,
                                     models=["2d-f64-*", "3d-f16-*", "3d-best-r1-2", "3d-best-r1-2-4-8"],
                                     notify=lambda m: None)

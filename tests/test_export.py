@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import TINY_2D_UNPADDED, TINY_3D, make_run
-from femurseg import io
-from femurseg import predict as P
-from femurseg.errors import FemursegError
-from femurseg.export import OnnxModel, default_onnx_path, export_onnx, export_run
+from femurseg.core import io
+from femurseg.inference import predict as P
+from femurseg.core.errors import FemursegError
+from femurseg.inference.onnx import OnnxModel, default_onnx_path, export_onnx, export_run
 from femurseg.models import build_model
 from helpers import ball
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from femurseg import io
-from femurseg.errors import FemursegError
+from femurseg.core import io
+from femurseg.core.errors import FemursegError
 from helpers import write_dicom_series
 
 

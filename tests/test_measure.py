@@ -1,4 +1,4 @@
-"""Measurements (femurseg.measure): analytic shapes, phantoms, CSV and the CLI."""
+"""Measurements (femurseg.ct.measure): analytic shapes, phantoms, CSV and the CLI."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from femurseg import io
+from femurseg.core import io
 from femurseg.data import phantom
-from femurseg.errors import FemursegError
-from femurseg.measure import (COLUMNS, ROW_NAMES, cortical_thickness, measure, measure_femur, read_csv,
+from femurseg.core.errors import FemursegError
+from femurseg.ct.measure import (COLUMNS, ROW_NAMES, cortical_thickness, measure, measure_femur, read_csv,
                               region_volume_pairs, write_csv)
 
 

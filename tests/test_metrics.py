@@ -1,4 +1,4 @@
-"""femurseg.metrics: hand-computed cases, an independent brute-force oracle, and MONAI."""
+"""femurseg.evaluation.metrics: hand-computed cases, an independent brute-force oracle, and MONAI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from femurseg import metrics as M
+from femurseg.evaluation import metrics as M
 from helpers import ball
 
 SP = (1.5, 0.234, 0.234)  # the paper's MR spacing (mm, canonical axes)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 from femurseg.models import (
     ModelConfigError,
     UNet,

@@ -1,4 +1,4 @@
-"""Synthetic hip phantoms (femurseg.data.phantom) and the PNG montage (femurseg.report.preview)."""
+"""Synthetic hip phantoms (femurseg.data.phantom) and the PNG montage (femurseg.core.preview)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from scipy import ndimage
 
 from femurseg.data import phantom
-from femurseg.errors import FemursegError
-from femurseg.report.preview import save_montage
+from femurseg.core.errors import FemursegError
+from femurseg.core.preview import save_montage
 
 SMALL = (24, 64, 64)  # 1.5 x 1.875 x 1.875 mm: the default in-plane field of view, fast
 TINY = (12, 40, 40)

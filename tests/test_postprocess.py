@@ -1,4 +1,4 @@
-"""femurseg.postprocess on constructed masks."""
+"""femurseg.inference.postprocess on constructed masks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from femurseg import postprocess as P
+from femurseg.inference import postprocess as P
 from helpers import ball
 
 SP = (1.5, 0.234, 0.234)

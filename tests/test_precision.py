@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from femurseg.core import precision as P
-from femurseg.errors import FemursegError
-from femurseg.train import TrainConfig
+from femurseg.core.errors import FemursegError
+from femurseg.training.fit import TrainConfig
 
 
 def test_auto_on_this_cpu_follows_onednn():
@@ -94,7 +94,7 @@ def test_fit_on_cuda_uses_fp16_amp_and_records_it():
     import numpy as np
 
     from femurseg.models import build_model
-    from femurseg.train import Sample, fit
+    from femurseg.training.fit import Sample, fit
 
     rng = np.random.default_rng(0)
     lab = np.zeros((16, 32, 32), np.uint8)

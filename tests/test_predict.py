@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import TINY_3D, make_run
-from femurseg import io
-from femurseg import predict as P
-from femurseg.errors import FemursegError
-from femurseg.infer import _tile_starts, predict_prob
+from femurseg.core import io
+from femurseg.inference import predict as P
+from femurseg.core.errors import FemursegError
+from femurseg.inference.tiling import _tile_starts, predict_prob
 from helpers import ball, write_dicom_series
 
 SHAPE, SPACING = (8, 20, 24), (1.5, 0.5, 0.5)
@@ -92,8 +92,8 @@ def test_same_scan_in_every_file_format_gives_the_same_canonical_mask(predictor,
 
 
 def test_threshold_specs_are_wired_to_femurseg_thresholds(predictor):
-    from femurseg.postprocess import postprocess
-    from femurseg.thresholds import otsu_threshold
+    from femurseg.inference.postprocess import postprocess
+    from femurseg.inference.thresholds import otsu_threshold
 
     vol = _scan()
     prob = P.predict_probability(predictor, vol)
@@ -149,7 +149,7 @@ def test_postprocess_modes_on_constructed_probability_map():
 
 
 def _models(run):
-    from femurseg.run import load_run
+    from femurseg.inference.run import load_run
 
     return load_run(run).load_models("all", "cpu")
 
@@ -297,7 +297,7 @@ def test_bad_outputs_options_and_inputs_fail_cleanly(run3d, tmp_path, monkeypatc
     src = _write_scan("nii.gz", tmp_path)
     out = tmp_path / "m.nii.gz"
     # output problems are found before the run is loaded or the scan read
-    import femurseg.predict as mod
+    import femurseg.inference.predict as mod
 
     monkeypatch.setattr(mod, "load_predictor", lambda *a, **k: pytest.fail("loaded the run before checking outputs"))
     assert "does not exist" in _command_error(run3d, src, tmp_path / "nope" / "m.nii.gz")
@@ -364,7 +364,7 @@ def test_cascade_hook_is_explicit(tmp_path):
 
 def test_no_partial_outputs_when_a_late_step_fails(predictor, tmp_path, monkeypatch):
     src = _write_scan("nii.gz", tmp_path)
-    import femurseg.report.preview as preview
+    import femurseg.core.preview as preview
 
     def boom(*a, **k):
         raise FemursegError("preview failed")

@@ -14,7 +14,7 @@ from femurseg.data.preprocess import (
     preprocess_label,
     restore,
 )
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 
 def _ellipsoid(shape=(20, 64, 60), centre=(10, 30, 28), radii=(7, 18, 12)) -> np.ndarray:

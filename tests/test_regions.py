@@ -1,4 +1,4 @@
-"""Region split of the proximal femur (femurseg.regions) on phantoms with known geometry."""
+"""Region split of the proximal femur (femurseg.ct.regions) on phantoms with known geometry."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from femurseg.data import phantom
-from femurseg.errors import FemursegError
-from femurseg.regions import REGION_LABELS, fit_femur, split_regions
+from femurseg.core.errors import FemursegError
+from femurseg.ct.regions import REGION_LABELS, fit_femur, split_regions
 
 # Tolerances stated in the issue: head centre 2 mm, radius 1.5 mm, neck-shaft angle 5 deg.
 TOL_CENTRE_MM = 2.0

@@ -1,4 +1,4 @@
-"""femurseg.compare and femurseg.report: tables, statistics, figures, meshes, self-contained report.html.
+"""femurseg.evaluation.compare and femurseg.evaluation.report: tables, statistics, figures, meshes, self-contained report.html.
 
 The runs are built directly as files in the run layout (config.json, split.json, oof/ probability
 maps, thresholds.json) from synthetic masks; nothing is trained.
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from femurseg import io, stats
-from femurseg.compare import RunSpec, run_compare
+from femurseg.core import io
+from femurseg.evaluation import stats
+from femurseg.evaluation.compare import RunSpec, run_compare
 from femurseg.data.dataset import MR_LABELS, write_dataset
-from femurseg.evaluate import read_csv
-from femurseg.report import surface
-from femurseg.report.html import referenced_files
+from femurseg.evaluation.evaluate import read_csv
+from femurseg.evaluation.report import surface
+from femurseg.evaluation.report.html import referenced_files
 from helpers import ball
 
 SHAPE, SPACING = (10, 40, 36), (1.5, 0.7, 0.7)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from femurseg.data.dataset import Case, Dataset
 from femurseg.data.splits import Split, holdout_split, load_split, make_split, split_dataset, subjects_of
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 
 def _check_partition(split: Split, ids: list[str]) -> None:

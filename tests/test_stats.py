@@ -1,4 +1,4 @@
-"""femurseg.stats: Holm by hand, Wilcoxon rows against scipy, summaries, Bland-Altman."""
+"""femurseg.evaluation.stats: Holm by hand, Wilcoxon rows against scipy, summaries, Bland-Altman."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from femurseg import stats as S
+from femurseg.evaluation import stats as S
 
 
 def test_holm_hand_computed_with_monotonicity():

@@ -1,4 +1,4 @@
-"""femurseg.tables: the CSV writer every command uses."""
+"""femurseg.core.tables: the CSV writer every command uses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from femurseg.tables import format_cell, write_csv
+from femurseg.core.tables import format_cell, write_csv
 
 
 def test_cells_spell_out_nan_inf_and_round_to_6_digits():

@@ -1,4 +1,4 @@
-"""femurseg.thresholds: hand-computed operating points, Otsu, and spec parsing."""
+"""femurseg.inference.thresholds: hand-computed operating points, Otsu, and spec parsing."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.filters import threshold_otsu
 
-from femurseg import thresholds as T
-from femurseg.errors import FemursegError
+from femurseg.inference import thresholds as T
+from femurseg.core.errors import FemursegError
 
 # operating points (prob >= t), P = 3 positives, N = 3 negatives:
 #   t     tp fp  precision recall  tpr-fpr  dist^2 to (1, 1)

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from femurseg.errors import FemursegError
-from femurseg.losses import class_fractions, get_loss, soft_dice_loss, weighted_cross_entropy
-from femurseg.train import EarlyStopping, Sample, TrainConfig, derive_seed, fit, read_log, seed_everything
+from femurseg.core.errors import FemursegError
+from femurseg.training.losses import class_fractions, get_loss, soft_dice_loss, weighted_cross_entropy
+from femurseg.training.fit import EarlyStopping, Sample, TrainConfig, derive_seed, fit, seed_everything
+from femurseg.inference.run import read_log
 
 # ----------------------------------------------------------------------------- losses
 
@@ -215,7 +216,7 @@ _CHILD = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import _blob_samples
-    import femurseg.train as T
+    import femurseg.training.fit as T
     from femurseg.models import build_model
     out, slow = sys.argv[1], sys.argv[2] == "slow"
     if slow:  # make epochs from the third on slow so the kill lands mid-epoch
@@ -291,7 +292,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path):
 def test_bf16_guard_for_depth_two_conv3d():
     """torch's CPU bf16 Conv3d weight gradient is wrong at input depth 2: fit() falls back to float32."""
     from femurseg.models import build_model
-    from femurseg.train import bf16_conv3d_hazard
+    from femurseg.training.fit import bf16_conv3d_hazard
 
     model = build_model({"name": "unet3d", "features": 4, "levels": 2})
     assert bf16_conv3d_hazard(model, _blob_samples(1, shape=(8, 16, 16)), TrainConfig())  # 8 -> 4 -> 2

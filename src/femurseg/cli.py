@@ -1,6 +1,6 @@
 """The ``femurseg`` command. Thin: it parses options and calls the library modules.
 
-Every user-caused problem surfaces as a :class:`~femurseg.errors.FemursegError`, printed
+Every user-caused problem surfaces as a :class:`~femurseg.core.errors.FemursegError`, printed
 as one line (``femurseg: error: ...``) with exit status 1, never as a traceback.
 """
 
@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 app = typer.Typer(
     name="femurseg",
@@ -90,9 +90,8 @@ def crop_femurs(
                                              help="Force two hips or one per scan (default: from the shafts' distance)."),
 ) -> None:
     """Crop CT scans to one box per labelled femur, found from the image (for cascade training)."""
-    from femurseg import ct
-
-    ds = ct.crop_femur_dataset(dataset, out, margin_mm=margin_mm, bilateral=bilateral)
+    from femurseg.ct.femurs import crop_femur_dataset
+    ds = crop_femur_dataset(dataset, out, margin_mm=margin_mm, bilateral=bilateral)
     subjects = len({c.case_id.rsplit("_", 1)[0] for c in ds.cases})
     typer.echo(f"wrote {len(ds.cases)} femur crops from {subjects} scans to {out} "
                f"(train with: femurseg cv {out} --task cascade --group-by subject)")
@@ -155,11 +154,12 @@ def predict(
 
     Exit status: 0 done; 1 nothing done (bad run, input or output); 2 batch finished but some scans failed.
     """
-    from femurseg.distributed import backend_from_options
-    from femurseg.predict import predict_command
+    from femurseg.ct.predict import load_any_predictor
+    from femurseg.scale.distributed import backend_from_options
+    from femurseg.inference.predict import predict_command
 
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, replicas=replicas)
-    code = predict_command(run, inputs, output, backend=be, resume=resume, prob=prob, threshold=threshold, postprocess=postprocess,
+    code = predict_command(run, inputs, output, backend=be, resume=resume, load=load_any_predictor, prob=prob, threshold=threshold, postprocess=postprocess,
                            min_size_mm3=min_size, folds=folds, tta=tta, engine=engine, onnx_path=onnx, tiles=tiles,
                            dicom_seg=dicom_seg, dicom_seg_out=dicom_seg_out, preview=preview, device=device,
                            progress=not quiet, echo=typer.echo)
@@ -174,7 +174,7 @@ def export(
     fold: str = typer.Option("all", "--fold", help="all or one fold number K."),
 ) -> None:
     """Export fold models to ONNX (dynamic input size) for ONNX Runtime and predict --engine onnx."""
-    from femurseg.export import export_run
+    from femurseg.inference.onnx import export_run
 
     for p in export_run(run, onnx, fold):
         typer.echo(f"wrote {p}")
@@ -192,9 +192,11 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Metrics per case (DSC, precision, recall, ASD, MSD, HD95, volumes, AUC/AP) of masks or a cv run."""
-    from femurseg.evaluate import evaluate_command, format_report
+    from femurseg.ct.measure import region_volume_columns
+    from femurseg.evaluation.evaluate import evaluate_command, format_report
 
     rows, paths = evaluate_command(out, pred=pred, gt=gt, prob=prob, run=run, threshold=threshold,
+                                   region_volumes=region_volume_columns,
                                    postprocess=postprocess, progress=not quiet)
     typer.echo(format_report(rows))
     typer.echo(f"wrote {paths['results']}, {paths['summary'].name}, {paths['stats'].name}")
@@ -213,7 +215,7 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Compare runs on their common cases: Tables 1-4, ROC/PR, box plots, volume agreement, case panels, report.html."""
-    from femurseg.compare import format_headline, run_compare
+    from femurseg.evaluation.compare import format_headline, run_compare
 
     split = lambda t: [x.strip() for x in t.split(",") if x.strip()] if t else None  # noqa: E731
     hl = run_compare(runs, out, names=split(names), metric=metric, cases=split(cases), gt=gt,
@@ -233,7 +235,7 @@ def measure(
     """Volumes (cm^3), cortical thickness (mm) and mean HU per femur region (paper 003 Fig. 7, Table 2)."""
     import warnings
 
-    from femurseg.ct import HUWarning
+    from femurseg.ct.hu import HUWarning
     from femurseg.measure import measure_files
 
     if modality is not None and modality.lower() not in ("ct", "mr"):
@@ -271,8 +273,8 @@ def experiment(
     max_retries: int = typer.Option(3, help="Ray retries of a failed fold task."),
 ) -> None:
     """Run the paper's model grid on one shared split, select thresholds, evaluate and compare."""
-    from femurseg.distributed import backend_from_options
-    from femurseg.experiment import experiment_command
+    from femurseg.scale.distributed import backend_from_options
+    from femurseg.experiments.paper import experiment_command
 
     pats = [m.strip() for m in models.split(",") if m.strip()] if models else None
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
@@ -288,7 +290,7 @@ def demo(
     max_epochs: Optional[int] = typer.Option(None, help="Cap the epochs per fold (default: the preset's early stopping)."),
 ) -> None:
     """The whole study in miniature: phantoms -> 4-fold cv of the dilated 3D U-Net -> evaluation -> report."""
-    from femurseg.demo import format_summary, run_demo
+    from femurseg.experiments.demo import format_summary, run_demo
 
     hl = run_demo(out, n=n, seed=seed, max_epochs=max_epochs)
     typer.echo(format_summary(hl))
@@ -367,30 +369,40 @@ def cv(
     ddp: bool = typer.Option(False, "--ddp", help="Run as one rank of a torchrun job (DistributedDataParallel)."),
 ) -> None:
     """Cross-validate a model (paper 001 protocol): k stratified folds, out-of-fold predictions, PR threshold."""
-    from femurseg.distributed import backend_from_options
+    from femurseg.scale.distributed import backend_from_options
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
                              precision)
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     if task == "cascade":
-        from femurseg import ct
-
+        from femurseg.ct.evaluate import format_cascade_report
+        from femurseg.ct.train import run_cascade_cv
         if be != "local":
             raise FemursegError("--task cascade: runs on the local backend only")
-        summary = ct.run_cascade_cv(dataset, out, folds=folds, seed=seed, seeds=seeds, group_by=group_by, split_file=split,
+        summary = run_cascade_cv(dataset, out, folds=folds, seed=seed, seeds=seeds, group_by=group_by, split_file=split,
                                     resume=resume, overwrite=overwrite, device=device, **opts)
-        typer.echo(ct.format_cascade_report(summary))
+        typer.echo(format_cascade_report(summary))
         return
     if task != "binary":
         raise FemursegError(f"--task: expected binary or cascade, got {task!r}")
     if seeds is not None:
         raise FemursegError("--seeds: only for --task cascade")
-    from femurseg.cv import run_cv
+    from femurseg.training.cv import run_cv
 
     res = run_cv(dataset, out, preset=preset, folds=folds, seed=seed, group_by=group_by, split_file=split,
-                 inner_val=inner_val, resume=resume, overwrite=overwrite, device=device, backend=be, ddp=ddp, **opts)
+                 inner_val=inner_val, resume=resume, overwrite=overwrite, device=device, backend=be,
+                 dist=_ddp_group(ddp, device), **opts)
     _echo_cv_summary(res.summary, out)
+
+
+def _ddp_group(ddp: bool, device: str | None):
+    """The torchrun process group for ``--ddp`` (None without it)."""
+    if not ddp:
+        return None
+    from femurseg.scale.distributed import init_ddp
+
+    return init_ddp(device)
 
 
 def _echo_cv_summary(summary: dict, out: Path) -> None:
@@ -432,13 +444,13 @@ def train(
     ddp: bool = typer.Option(False, "--ddp", help="Run as one rank of a torchrun job (DistributedDataParallel)."),
 ) -> None:
     """Train one model (same run layout as cv, with one fold) for `femurseg predict`."""
-    from femurseg.cv import run_train
+    from femurseg.training.cv import run_train
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
                              precision)
     res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
-                    overwrite=overwrite, device=device, ddp=ddp, **opts)
+                    overwrite=overwrite, device=device, dist=_ddp_group(ddp, device), **opts)
     _echo_cv_summary(res.summary, out)
 
 
@@ -448,7 +460,7 @@ def plot_training(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG path (default: RUN/training.png)."),
 ) -> None:
     """Train/validation loss curves per fold, like the paper's Fig. 7."""
-    from femurseg.report.training import plot_training as plot
+    from femurseg.evaluation.report.training import plot_training as plot
 
     typer.echo(str(plot(run, out)))
 

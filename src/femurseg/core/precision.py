@@ -30,7 +30,7 @@ is treated as the AVX2-only CPU oneDNN then pretends it is, which is how the AVX
 ``make bench`` and CI's AVX2 smoke run are produced on a machine that has AMX.
 
 A forced precision is obeyed, with a one-line :class:`PrecisionWarning` where it is slow here
-(``"bf16"`` on a CPU without native bfloat16) and a :class:`~femurseg.errors.FemursegError`
+(``"bf16"`` on a CPU without native bfloat16) and a :class:`~femurseg.core.errors.FemursegError`
 where it cannot run (``"fp16"`` on a CPU; ``"bf16"`` on a GPU without bfloat16).
 
 The decision is made again on every machine: a run trained with ``"auto"`` in bfloat16 on an AMX
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Accepted values of ``--precision`` / ``TrainConfig.precision``."""
@@ -190,3 +190,13 @@ def resolve_precision(requested: str | None, device: torch.device | str, *, warn
                           stacklevel=2)
         return Precision("bf16", req, dev, f"forced (emulated: this CPU has no native bfloat16{note})")
     return Precision(req, req, dev, "forced")
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device; None or "auto": CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FemursegError(f"--device {device}: CUDA is not available on this machine")
+    return dev

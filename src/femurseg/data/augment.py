@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 
 @dataclass

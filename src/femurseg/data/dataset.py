@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from femurseg import io
-from femurseg.errors import FemursegError, atomic_path
+from femurseg.core import io
+from femurseg.core.errors import FemursegError, atomic_path
 
 MR_LABELS = {"background": 0, "femur": 1}
 CT_LABELS = {"background": 0, "trabecular": 1, "cortical": 2}

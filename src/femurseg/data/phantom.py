@@ -78,6 +78,8 @@ joint space 1.5-3 mm, soft-tissue thicknesses, intensities / gain, bias field, S
 Everything is vectorised numpy / scipy; generation is deterministic for a seed (the
 anatomy, texture, artefact choice and noise come from separate child streams of
 ``numpy.random.SeedSequence(seed)``, so switching artefacts on or off keeps the anatomy).
+
+Length: one generator; the anatomy, the MR and the CT renderings share one parameter set per case, and splitting them would scatter that table across files.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ import numpy as np
 from scipy import fft as _fft
 from scipy import ndimage
 
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 DEFAULT_SHAPE: tuple[int, int, int] = (48, 128, 128)
 DEFAULT_SPACING: tuple[float, float, float] = (1.5, 0.9375, 0.9375)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 NORMALISATIONS = ("zscore", "percentile", "ct", "none")
 LABEL_INTERPS = ("linear", "nearest")

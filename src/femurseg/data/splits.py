@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from femurseg.data.dataset import Dataset
-from femurseg.errors import FemursegError, atomic_path
+from femurseg.core.errors import FemursegError, atomic_path
 
 GROUP_BY = ("case", "subject")
 _SUBJECT_RE = re.compile(r"^(.+)[_-][^_-]*$")

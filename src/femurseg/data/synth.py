@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from femurseg import io
+from femurseg.core import io
 from femurseg.data import phantom
 from femurseg.data.dataset import CT_LABELS, MR_LABELS, Dataset, build_dataset, write_dataset
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 
 def synthesize(
@@ -69,7 +69,7 @@ def synthesize(
 
 
 def _preview(cases: list, path: Path) -> None:
-    from femurseg.report.preview import save_montage
+    from femurseg.core.preview import save_montage
 
     # One montage per case stacked would be large; show the first case in detail.
     case = cases[0]

@@ -1,4 +1,4 @@
-"""Segmentation networks of femurseg (GitHub issue 3, "Networks").
+"""Segmentation networks of femurseg.
 
 Build models from JSON-able configs through the registry::
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from femurseg.errors import FemursegError
+from femurseg.core.errors import FemursegError
 
 NORMS = ("none", "batch", "instance")
 INITS = ("xavier", "default")

@@ -1,0 +1,1 @@
+"""Experiments: the paper-001 model grid, the CT study (paper 003) and the demo."""
