@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow test-avx2 smoke-avx2 bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# What an AVX2-only CPU runs (oneDNN capped to AVX2): a timed cv + predict smoke and the precision tests.
+smoke-avx2: $(STAMP)
+	bash .ci/avx2_smoke.sh
+
+# The whole default suite under the AVX2 cap.
+test-avx2: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -45,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
 from femurseg.inference.run import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,9 +107,15 @@ def _end_to_end(model, dev, spec) -> dict[str, Any]:
     import numpy as np
 
     from femurseg.core import io
-    from femurseg.inference import predict as P
     from femurseg.data.preprocess import PreprocessConfig
-    from femurseg.inference.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, save_checkpoint, write_json
+    from femurseg.inference import predict as P
+    from femurseg.inference.run import (
+        CONFIG_NAME,
+        RUN_FORMAT,
+        RUN_VERSION,
+        save_checkpoint,
+        write_json,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"

@@ -104,9 +104,9 @@ def run(size: str = "paper", repeats: int = 5, levers: Sequence[str] = (), threa
     import torch
     from monai.inferers import sliding_window_inference
 
-    from femurseg.inference import tiling as infer
-    from femurseg.inference import predict as P
     from femurseg.data.preprocess import preprocess_image, restore
+    from femurseg.inference import predict as P
+    from femurseg.inference import tiling as infer
 
     torch.set_num_threads(common.default_threads(size) if threads is None else threads)
     vol, prep, cfg = make_case(size)

@@ -37,9 +37,9 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from femurseg.inference.run import cpu_model
-from femurseg import metrics  # noqa: E402
 from femurseg.core.errors import atomic_path  # noqa: E402
+from femurseg.evaluation import metrics  # noqa: E402
+from femurseg.inference.run import cpu_model
 
 RESULTS = ROOT / "benchmarks" / "results" / "metrics.csv"
 
@@ -106,7 +106,10 @@ def run(
     """Time femurseg's and MONAI's surface metrics on one femur-like pair; returns a dict
     with ``rows`` (one per implementation/metric), ``speedup`` figures and the set-up."""
     import torch
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_hausdorff_distance,
+    )
 
     pred, ref = femur_like_masks(tuple(shape), tuple(spacing))
     sp = tuple(float(s) for s in spacing)

@@ -49,13 +49,13 @@ def assignments(model: Any, shape: tuple[int, ...]) -> dict[str, Callable[[str],
 
 
 def run(size: str = "paper", log: Callable[[str], None] = common.say) -> dict[str, Any]:
+    import bench_inference
     import numpy as np
     import torch
 
-    import bench_inference
+    from femurseg.data.preprocess import preprocess_image, restore
     from femurseg.inference import accel
     from femurseg.inference import predict as P
-    from femurseg.data.preprocess import preprocess_image, restore
 
     torch.set_num_threads(common.default_threads(size))
     vol, prep, cfg = bench_inference.make_case(size)

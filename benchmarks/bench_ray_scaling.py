@@ -40,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
 from femurseg.inference.run import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +61,8 @@ def _grid(dataset: Path, out: Path, configs: int, epochs: int, backend: Any) -> 
     """Run the grid; returns (wall seconds, folds wall seconds or None, sum of fold training seconds)."""
     import torch
 
-    from femurseg.training.cv import run_cv
     from femurseg.scale.distributed import RayBackend, run_jobs
+    from femurseg.training.cv import run_cv
 
     spans: list[tuple[float, float]] = []
     lock = threading.Lock()
@@ -98,8 +99,9 @@ def _grid(dataset: Path, out: Path, configs: int, epochs: int, backend: Any) -> 
 def _warm_up(ray: Any, n: int) -> None:
     @ray.remote(num_cpus=1)
     def warm() -> int:
-        import femurseg.training.cv  # noqa: F401
         import torch  # noqa: F401  (warm the import in the worker)
+
+        import femurseg.training.cv  # noqa: F401
 
         time.sleep(0.5)
         return os.getpid()

@@ -53,7 +53,11 @@ CONFIGS = {
 def make_sample(size: str):
     """One preprocessed training :class:`femurseg.training.fit.Sample` (image + label) for ``size``."""
     from femurseg.data import phantom
-    from femurseg.data.preprocess import PreprocessConfig, preprocess_image, preprocess_label
+    from femurseg.data.preprocess import (
+        PreprocessConfig,
+        preprocess_image,
+        preprocess_label,
+    )
     from femurseg.training.fit import Sample
 
     if size == "paper":
@@ -80,11 +84,11 @@ def run(size: str = "demo", repeats: int = 5, threads: int | None = None, log=co
 
     import torch
 
+    from femurseg.data.augment import AugmentConfig
+    from femurseg.models import build_model
     from femurseg.training import fit as T
     from femurseg.training.cv import PRESETS
-    from femurseg.data.augment import AugmentConfig
     from femurseg.training.losses import get_loss
-    from femurseg.models import build_model
 
     torch.set_num_threads(common.default_threads(size) if threads is None else threads)
     steps = steps or (1 if size == "paper" else 4)

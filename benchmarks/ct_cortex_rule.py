@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     from femurseg.core import io
-    from femurseg.ct.stages import combine_stages, periosteal_mask, stage2_input
-    from femurseg.ct.predict import load_cascade_predictor
-    from femurseg.data.dataset import load_checked
     from femurseg.ct.measure import region_volume_pairs
+    from femurseg.ct.predict import load_cascade_predictor
+    from femurseg.ct.stages import combine_stages, periosteal_mask, stage2_input
+    from femurseg.data.dataset import load_checked
     from femurseg.inference.predict import predict_probability
     from femurseg.inference.run import load_run
 

@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     from femurseg.core import io
+    from femurseg.ct.measure import measure_femur
+    from femurseg.ct.regions import REGION_LABELS
     from femurseg.ct.stages import combine_stages, mean_oof, periosteal_mask
     from femurseg.data.dataset import load_checked
-    from femurseg.ct.measure import measure_femur
     from femurseg.evaluation.metrics import overlap_metrics
-    from femurseg.ct.regions import REGION_LABELS
     from femurseg.inference.run import load_run
 
     run = Path(args.run)

@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     from femurseg.core import io
-    from femurseg.ct.stages import combine_stages, periosteal_mask, stage2_input
+    from femurseg.ct.measure import region_volume_pairs
     from femurseg.ct.predict import load_cascade_predictor
+    from femurseg.ct.stages import combine_stages, periosteal_mask, stage2_input
     from femurseg.data.dataset import load_checked
     from femurseg.data.splits import load_split
-    from femurseg.ct.measure import region_volume_pairs
     from femurseg.evaluation.metrics import overlap_metrics
     from femurseg.inference.predict import predict_probability
     from femurseg.inference.run import load_run

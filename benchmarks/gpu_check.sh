@@ -48,7 +48,7 @@ row "demo cv, 8 phantoms, 2 folds x 4 epochs, cuda" "$(grep -o 'out-of-fold mean
 timeout "$(left)" "$PY" - > "$OUT/inference.log" 2>&1 <<'PYEOF'
 import statistics, time, torch
 from femurseg.models import build_model
-from femurseg.infer import predict_prob
+from femurseg.inference.tiling import predict_prob
 import numpy as np
 def timed(model, shape):
     model = model.cuda().eval()

@@ -21,8 +21,14 @@ TINY_PREP = {"crop_slices": None, "target_size": None, "scale": None, "normalise
 def make_run(path: Path, model_cfg: dict[str, Any], *, k: int = 2, prep: dict[str, Any] | None = None,
              thresholds: dict[str, float] | None = None, seed: int = 0, extra: dict[str, Any] | None = None) -> Path:
     """Write a run folder with ``k`` seeded random models of ``model_cfg``; returns ``path``."""
+    from femurseg.inference.run import (
+        CONFIG_NAME,
+        RUN_FORMAT,
+        RUN_VERSION,
+        save_checkpoint,
+        write_json,
+    )
     from femurseg.models import build_model
-    from femurseg.inference.run import CONFIG_NAME, RUN_FORMAT, RUN_VERSION, save_checkpoint, write_json
 
     path.mkdir(parents=True, exist_ok=True)
     full_cfg = None

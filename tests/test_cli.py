@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-
-from femurseg.core import io
-from femurseg.cli import app
-from femurseg.data.dataset import MR_LABELS, write_dataset
 from helpers import ball
+
+from femurseg.cli import app
+from femurseg.core import io
+from femurseg.data.dataset import MR_LABELS, write_dataset
 
 
 def femurseg(*args: str, cwd=None) -> subprocess.CompletedProcess:

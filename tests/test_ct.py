@@ -7,16 +7,34 @@ import warnings
 import numpy as np
 import pytest
 
+from femurseg.core.errors import FemursegError
 from femurseg.ct.evaluate import cascade_tables, format_cascade_report
-from femurseg.ct.femurs import CropBox, crop_femur_dataset, dataset_femur_crop, femur_boxes, find_femurs, split_sides
+from femurseg.ct.femurs import (
+    CropBox,
+    crop_femur_dataset,
+    dataset_femur_crop,
+    femur_boxes,
+    find_femurs,
+    split_sides,
+)
 from femurseg.ct.hu import HUWarning, check_hu, normalise_hu
 from femurseg.ct.predict import predict_cascade
-from femurseg.ct.stages import COMPARTMENTS, _ensemble_threshold, cascade_probabilities, combine_stages, mask_outside, mean_oof, periosteal_mask, prepare_cascade_data, stage2_input, stage_names
+from femurseg.ct.stages import (
+    COMPARTMENTS,
+    _ensemble_threshold,
+    cascade_probabilities,
+    combine_stages,
+    mask_outside,
+    mean_oof,
+    periosteal_mask,
+    prepare_cascade_data,
+    stage2_input,
+    stage_names,
+)
 from femurseg.ct.train import cascade_configs, run_cascade_cv
-from femurseg.experiments.ct_study import describe_cascade
 from femurseg.data import phantom
 from femurseg.data.preprocess import PreprocessConfig, normalise
-from femurseg.core.errors import FemursegError
+from femurseg.experiments.ct_study import describe_cascade
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +206,12 @@ def test_crop_femur_dataset_refuses_labels_outside_the_boxes(tmp_path, ct_case):
 def test_cascade_trained_on_crops_segments_a_whole_bilateral_scan(tmp_path):
     """Whole scans -> crop-femurs -> cascade cv -> predict on a whole scan: labels land in the
     femur boxes of the scan, on its grid and geometry (1 epoch: the mask itself is not judged)."""
-    from femurseg.core import io
-    from femurseg.cli import app
-    from femurseg.inference.predict import load_predictor, outputs_for, predict_file
     from typer.testing import CliRunner
+
+    from femurseg.cli import app
+    from femurseg.core import io
+    from femurseg.ct.predict import load_any_predictor
+    from femurseg.inference.predict import outputs_for, predict_file
 
     cases = []
     for i in range(2):
@@ -203,8 +223,12 @@ def test_cascade_trained_on_crops_segments_a_whole_bilateral_scan(tmp_path):
     run_cascade_cv(tmp_path / "crops", tmp_path / "run", folds=2, group_by="subject",
                       model_cfg={"features": 4, "levels": 2},
                       train_cfg={"max_epochs": 1, "min_epochs": 0, "patience": 1}, progress=False)
-    pred = load_predictor(tmp_path / "run", device="cpu")
+    pred = load_any_predictor(tmp_path / "run", device="cpu")
     assert pred.config["cascade"]["femur_crop_margin_mm"] == 15.0
+    from femurseg.inference.predict import load_predictor
+
+    with pytest.raises(FemursegError, match="load_any_predictor"):  # inference alone knows no cascade
+        load_predictor(tmp_path / "run", device="cpu")
     out = predict_file(pred, src.cases[0].image, outputs_for(tmp_path / "seg.nii.gz"), postprocess="none",
                        notify=lambda m: None)
     seg, scan = io.read_image(out.outputs.mask, dtype=None), io.read_image(src.cases[0].image)
@@ -330,8 +354,9 @@ def test_cascade_configs_default_to_a_binary_vnet():
 def test_cascade_cv_and_predict_end_to_end(tmp_path):
     """A tiny cascade (1 epoch, 2 folds) runs through cv, evaluation and predict."""
     from femurseg.core import io
+    from femurseg.ct.predict import load_any_predictor
     from femurseg.data.synth import synthesize
-    from femurseg.inference.predict import load_predictor, outputs_for, predict_file
+    from femurseg.inference.predict import outputs_for, predict_file
 
     ds = synthesize(tmp_path / "ds", n=4, modality="ct", seed=1, shape=(32, 64, 64), spacing=(2.0, 2.0, 2.0),
                     progress=False)
@@ -353,7 +378,7 @@ def test_cascade_cv_and_predict_end_to_end(tmp_path):
     assert mean_dsc == pytest.approx(summary["mean_periosteal_dsc"], abs=1e-6)
     with pytest.raises(FemursegError, match="do not apply"):
         evaluate_command(tmp_path / "ev2.csv", run=run, threshold=0.5, progress=False)
-    pred = load_predictor(run, device="cpu")
+    pred = load_any_predictor(run, device="cpu")
     assert pred.task == "cascade"
     case = ds.cases[0]
     res = predict_file(pred, case.image, outputs_for(tmp_path / "out.nii.gz"), postprocess="none")
@@ -449,8 +474,8 @@ def test_cascade_adds_seeds_on_resume(tmp_path):
     re-evaluates, and predicts with both seeds' fold models."""
     import json
 
+    from femurseg.ct.predict import load_any_predictor
     from femurseg.data.synth import synthesize
-    from femurseg.inference.predict import load_predictor
 
     ds = synthesize(tmp_path / "ds", n=4, modality="ct", seed=1, shape=(32, 64, 64), spacing=(2.0, 2.0, 2.0),
                     progress=False)
@@ -465,7 +490,7 @@ def test_cascade_adds_seeds_on_resume(tmp_path):
     assert (run / "stage1" / "fold_0" / "best.pt").stat().st_mtime_ns == before  # seed 0 not retrained
     s1 = json.loads((run / "stage1_seed1" / "config.json").read_text())
     assert s1["seed"] == 1 and summary["cases"] == 4
-    pred = load_predictor(run, device="cpu")
+    pred = load_any_predictor(run, device="cpu")
     assert [len(p.models) for p in pred.stages] == [4, 4]  # 2 folds x 2 seeds per stage
     assert pred.stages[0].thresholds["pr"] == pytest.approx(summary["thresholds"]["stage1_pr"])
     with pytest.raises(FemursegError, match="drop"):

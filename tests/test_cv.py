@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from femurseg.core import io
-from femurseg.training.cv import resolve_configs, run_cv, run_train
 from femurseg.core.errors import FemursegError
 from femurseg.inference.run import load_run
+from femurseg.training.cv import resolve_configs, run_cv, run_train
 
 TINY = {"model_cfg": {"features": 4, "levels": 2}, "prep_cfg": {"scale": None, "crop_slices": 14},
         "train_cfg": {"max_epochs": 2, "min_epochs": 0, "lr": 5e-3, "threads": 1}, "progress": False}

@@ -7,11 +7,17 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import ball
 
 from femurseg.core import io
-from femurseg.data.dataset import MR_LABELS, check_dataset, load_checked, load_dataset, write_dataset
 from femurseg.core.errors import FemursegError
-from helpers import ball
+from femurseg.data.dataset import (
+    MR_LABELS,
+    check_dataset,
+    load_checked,
+    load_dataset,
+    write_dataset,
+)
 
 
 def _case(seed, shape=(8, 16, 16), spacing=(1.5, 0.5, 0.5)):

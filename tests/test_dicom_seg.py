@@ -9,13 +9,13 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers import ball, write_dicom_series
 
 from femurseg import __version__
 from femurseg.core import io
-from femurseg.inference import predict as P
 from femurseg.core.dicom_seg import write_dicom_seg
 from femurseg.core.errors import FemursegError
-from helpers import ball, write_dicom_series
+from femurseg.inference import predict as P
 
 SHAPE, SPACING = (6, 14, 16), (1.5, 0.5, 0.6)
 

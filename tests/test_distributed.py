@@ -22,9 +22,15 @@ import pytest
 import torch
 
 from femurseg.core import io
-from femurseg.inference import predict as P
-from femurseg.scale.distributed import RayBackend, backend_from_options, resolve_backend, run_jobs, shard_batches
 from femurseg.core.errors import FemursegError
+from femurseg.inference import predict as P
+from femurseg.scale.distributed import (
+    RayBackend,
+    backend_from_options,
+    resolve_backend,
+    run_jobs,
+    shard_batches,
+)
 
 TINY_MODEL = {"name": "unet3d", "features": 4, "levels": 2, "dilations": None}
 TINY_PREP = {"crop_slices": None, "target_size": None, "scale": None}

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ball
 from scipy.ndimage import gaussian_filter
 
 from femurseg.core import io
-from femurseg.evaluation import metrics
-from femurseg.data.dataset import CT_LABELS, MR_LABELS, write_dataset
 from femurseg.core.errors import FemursegError
+from femurseg.data.dataset import CT_LABELS, MR_LABELS, write_dataset
+from femurseg.evaluation import metrics
 from femurseg.evaluation.evaluate import (
     evaluate_command,
     evaluate_folders,
@@ -24,7 +25,6 @@ from femurseg.evaluation.evaluate import (
     summary_paths,
     volume_summary,
 )
-from helpers import ball
 
 SHAPE, SPACING = (8, 24, 20), (1.5, 0.8, 0.8)
 
@@ -155,8 +155,8 @@ def test_ct_label_maps_per_compartment(tmp_path):
 
 
 def test_ct_phantom_rows_have_region_volumes_and_nan_fits_are_left_out():
-    from femurseg.data import phantom
     from femurseg.ct.measure import region_volume_columns
+    from femurseg.data import phantom
     from femurseg.evaluation.evaluate import evaluate_arrays
 
     case = phantom.generate_case(3, modality="ct", artefacts=False)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ball
 from scipy.ndimage import gaussian_filter
 
-from femurseg.experiments import paper as experiment
 from femurseg.core import io
-from femurseg.data.dataset import MR_LABELS, write_dataset
 from femurseg.core.errors import FemursegError
-from helpers import ball
+from femurseg.data.dataset import MR_LABELS, write_dataset
+from femurseg.experiments import paper as experiment
 
 
 def test_paper_grid_is_the_papers():

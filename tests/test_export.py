@@ -9,14 +9,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import TINY_2D_UNPADDED, TINY_3D, make_run
-from femurseg.core import io
-from femurseg.inference import predict as P
-from femurseg.core.errors import FemursegError
-from femurseg.inference.onnx import OnnxModel, default_onnx_path, export_onnx, export_run
-from femurseg.models import build_model
 from helpers import ball
+
+from femurseg.core import io
+from femurseg.core.errors import FemursegError
+from femurseg.inference import predict as P
+from femurseg.inference.onnx import (
+    OnnxModel,
+    default_onnx_path,
+    export_onnx,
+    export_run,
+)
+from femurseg.models import build_model
 
 
 @pytest.mark.parametrize("cfg", [TINY_3D, TINY_2D_UNPADDED, {"name": "unet2d", "features": 4, "levels": 2},

@@ -7,10 +7,10 @@ import gzip
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import write_dicom_series
 
 from femurseg.core import io
 from femurseg.core.errors import FemursegError
-from helpers import write_dicom_series
 
 
 def _random_volume(native_axcodes=("P", "I", "L"), shape=(6, 10, 12), spacing=(1.5, 0.5, 0.4)):

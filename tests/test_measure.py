@@ -11,10 +11,18 @@ import pytest
 from scipy import ndimage
 
 from femurseg.core import io
-from femurseg.data import phantom
 from femurseg.core.errors import FemursegError
-from femurseg.ct.measure import (COLUMNS, ROW_NAMES, cortical_thickness, measure, measure_femur, read_csv,
-                              region_volume_pairs, write_csv)
+from femurseg.ct.measure import (
+    COLUMNS,
+    ROW_NAMES,
+    cortical_thickness,
+    measure,
+    measure_femur,
+    read_csv,
+    region_volume_pairs,
+    write_csv,
+)
+from femurseg.data import phantom
 
 
 def sphere_shell(radius: float, inner: float, spacing, fov_mm: float = 56.0) -> np.ndarray:

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import ball
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -14,7 +15,6 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from femurseg.evaluation import metrics as M
-from helpers import ball
 
 SP = (1.5, 0.234, 0.234)  # the paper's MR spacing (mm, canonical axes)
 
@@ -39,7 +39,10 @@ def blob(rng, shape, sigma=2.0):
 
 def monai_surface(pred, ref, spacing):
     import torch
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_hausdorff_distance,
+    )
 
     p = torch.from_numpy(pred)[None, None].float()
     r = torch.from_numpy(ref)[None, None].float()

@@ -24,7 +24,6 @@ from femurseg.models import (
     unet_valid_input_size,
 )
 
-
 # Small configs of every registered architecture, and an input shape for each (B, C, *S).
 SMALL = {
     "unet2d-unpadded": ({"name": "unet2d-unpadded", "features": 4, "levels": 2}, (2, 3, 44, 60)),

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from femurseg.data import phantom
 from femurseg.core.errors import FemursegError
 from femurseg.core.preview import save_montage
+from femurseg.data import phantom
 
 SMALL = (24, 64, 64)  # 1.5 x 1.875 x 1.875 mm: the default in-plane field of view, fast
 TINY = (12, 40, 40)

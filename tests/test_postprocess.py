@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import ball
 from scipy import ndimage
 
 from femurseg.inference import postprocess as P
-from helpers import ball
 
 SP = (1.5, 0.234, 0.234)
 

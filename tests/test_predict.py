@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import TINY_3D, make_run
-from femurseg.core import io
-from femurseg.inference import predict as P
-from femurseg.core.errors import FemursegError
-from femurseg.inference.tiling import _tile_starts, predict_prob
 from helpers import ball, write_dicom_series
+
+from femurseg.core import io
+from femurseg.core.errors import FemursegError
+from femurseg.inference import predict as P
+from femurseg.inference.tiling import _tile_starts, predict_prob
 
 SHAPE, SPACING = (8, 20, 24), (1.5, 0.5, 0.5)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from femurseg.core.errors import FemursegError
 from femurseg.data.augment import AugmentConfig, augment
 from femurseg.data.preprocess import (
     PrepInfo,
@@ -14,7 +15,6 @@ from femurseg.data.preprocess import (
     preprocess_label,
     restore,
 )
-from femurseg.core.errors import FemursegError
 
 
 def _ellipsoid(shape=(20, 64, 60), centre=(10, 30, 28), radii=(7, 18, 12)) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from femurseg.data import phantom
 from femurseg.core.errors import FemursegError
 from femurseg.ct.regions import REGION_LABELS, fit_femur, split_regions
+from femurseg.data import phantom
 
 # Tolerances stated in the issue: head centre 2 mm, radius 1.5 mm, neck-shaft angle 5 deg.
 TOL_CENTRE_MM = 2.0

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ball
 from scipy.ndimage import gaussian_filter
 
 from femurseg.core import io
+from femurseg.data.dataset import MR_LABELS, write_dataset
 from femurseg.evaluation import stats
 from femurseg.evaluation.compare import RunSpec, run_compare
-from femurseg.data.dataset import MR_LABELS, write_dataset
 from femurseg.evaluation.evaluate import read_csv
 from femurseg.evaluation.report import surface
 from femurseg.evaluation.report.html import referenced_files
-from helpers import ball
 
 SHAPE, SPACING = (10, 40, 36), (1.5, 0.7, 0.7)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,9 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from femurseg.data.dataset import Case, Dataset
-from femurseg.data.splits import Split, holdout_split, load_split, make_split, split_dataset, subjects_of
 from femurseg.core.errors import FemursegError
+from femurseg.data.dataset import Case, Dataset
+from femurseg.data.splits import (
+    Split,
+    holdout_split,
+    load_split,
+    make_split,
+    split_dataset,
+    subjects_of,
+)
 
 
 def _check_partition(split: Split, ids: list[str]) -> None:

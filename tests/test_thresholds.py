@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.filters import threshold_otsu
 
-from femurseg.inference import thresholds as T
 from femurseg.core.errors import FemursegError
+from femurseg.inference import thresholds as T
 
 # operating points (prob >= t), P = 3 positives, N = 3 negatives:
 #   t     tp fp  precision recall  tpr-fpr  dist^2 to (1, 1)

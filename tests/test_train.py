@@ -18,9 +18,21 @@ import pytest
 import torch
 
 from femurseg.core.errors import FemursegError
-from femurseg.training.losses import class_fractions, get_loss, soft_dice_loss, weighted_cross_entropy
-from femurseg.training.fit import EarlyStopping, Sample, TrainConfig, derive_seed, fit, seed_everything
 from femurseg.inference.run import read_log
+from femurseg.training.fit import (
+    EarlyStopping,
+    Sample,
+    TrainConfig,
+    derive_seed,
+    fit,
+    seed_everything,
+)
+from femurseg.training.losses import (
+    class_fractions,
+    get_loss,
+    soft_dice_loss,
+    weighted_cross_entropy,
+)
 
 # ----------------------------------------------------------------------------- losses
 

@@ -155,8 +155,8 @@ def predict(
     Exit status: 0 done; 1 nothing done (bad run, input or output); 2 batch finished but some scans failed.
     """
     from femurseg.ct.predict import load_any_predictor
-    from femurseg.scale.distributed import backend_from_options
     from femurseg.inference.predict import predict_command
+    from femurseg.scale.distributed import backend_from_options
 
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, replicas=replicas)
     code = predict_command(run, inputs, output, backend=be, resume=resume, load=load_any_predictor, prob=prob, threshold=threshold, postprocess=postprocess,
@@ -236,7 +236,7 @@ def measure(
     import warnings
 
     from femurseg.ct.hu import HUWarning
-    from femurseg.measure import measure_files
+    from femurseg.ct.measure import measure_files
 
     if modality is not None and modality.lower() not in ("ct", "mr"):
         raise FemursegError(f"--modality: expected ct or mr, got {modality!r}")
@@ -273,8 +273,8 @@ def experiment(
     max_retries: int = typer.Option(3, help="Ray retries of a failed fold task."),
 ) -> None:
     """Run the paper's model grid on one shared split, select thresholds, evaluate and compare."""
-    from femurseg.scale.distributed import backend_from_options
     from femurseg.experiments.paper import experiment_command
+    from femurseg.scale.distributed import backend_from_options
 
     pats = [m.strip() for m in models.split(",") if m.strip()] if models else None
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
@@ -381,7 +381,7 @@ def cv(
         if be != "local":
             raise FemursegError("--task cascade: runs on the local backend only")
         summary = run_cascade_cv(dataset, out, folds=folds, seed=seed, seeds=seeds, group_by=group_by, split_file=split,
-                                    resume=resume, overwrite=overwrite, device=device, **opts)
+                                 resume=resume, overwrite=overwrite, device=device, **opts)
         typer.echo(format_cascade_report(summary))
         return
     if task != "binary":

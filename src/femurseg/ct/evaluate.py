@@ -39,9 +39,8 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     the segmentation error alone, without the region fit's own variability).
     """
 
-    from tqdm import tqdm
-
     from femurseg.core import io
+    from femurseg.core.progress import progress as progress_bar
     from femurseg.ct.measure import region_volume_pairs
     from femurseg.data.dataset import load_checked
     from femurseg.evaluation.metrics import (
@@ -65,7 +64,7 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     vols: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     cases = [c for c in split.cases if all((r / "oof" / f"{c}.nii.gz").exists() for r in runs1)]
     thr1, thr2 = _ensemble_threshold(runs1, ds, cases, 1), _ensemble_threshold(runs2, ds, cases, 2)
-    for cid in tqdm(cases, desc="cascade evaluate", unit="case", disable=not progress, leave=False):
+    for cid in progress_bar(cases, desc="cascade evaluate", unit="case", disable=not progress, leave=False):
         k = split.fold_of(cid)
         case = ds.case(cid)
         vol = io.read_image(case.image)

@@ -315,9 +315,8 @@ def crop_femur_dataset(dataset: str | Path, out: str | Path, *, margin_mm: float
         FemursegError: not a CT dataset with labels 1 and 2; ``out`` exists and is not empty; no
             femur found in a scan; labelled voxels outside every box (raise ``margin_mm``).
     """
-    from tqdm import tqdm
-
     from femurseg.core import io
+    from femurseg.core.progress import progress as progress_bar
     from femurseg.core.tables import write_csv
     from femurseg.data.dataset import build_dataset, load_checked, write_dataset
 
@@ -329,7 +328,7 @@ def crop_femur_dataset(dataset: str | Path, out: str | Path, *, margin_mm: float
     groups: dict[str, str] = {}
 
     def volumes() -> Any:
-        for case in tqdm(ds.cases, desc="crop femurs", unit="case", disable=not progress):
+        for case in progress_bar(ds.cases, desc="crop femurs", unit="case", disable=not progress):
             vol = io.read_image(case.image)
             lab = io.read_image(case.label, dtype=None)
             try:

@@ -44,8 +44,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -190,9 +190,8 @@ def prepare_cascade_data(ds: Any, data_dir: str | Path, stage: int, *, dilate_mm
     Existing files are kept (resume).
     """
 
-    from tqdm import tqdm
-
     from femurseg.core import io
+    from femurseg.core.progress import progress as progress_bar
 
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -205,7 +204,7 @@ def prepare_cascade_data(ds: Any, data_dir: str | Path, stage: int, *, dilate_mm
             sub.mkdir(parents=True, exist_ok=True)
     thr1 = _stage_threshold(Path(stage1_run)) if oof else None
     rows = []
-    for case in tqdm(ds.cases, desc=f"cascade data, stage {stage}", unit="case", disable=not progress, leave=False):
+    for case in progress_bar(ds.cases, desc=f"cascade data, stage {stage}", unit="case", disable=not progress, leave=False):
         cid = case.case_id
         lab_path = lab_dir / f"{cid}.nii.gz"
         img_path = Path(case.image) if img_dir is None else img_dir / f"{cid}.nii.gz"

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from femurseg.core import io
 from femurseg.core.errors import FemursegError, atomic_path
+from femurseg.core.progress import progress as progress_bar
 
 MR_LABELS = {"background": 0, "femur": 1}
 CT_LABELS = {"background": 0, "trabecular": 1, "cortical": 2}
@@ -215,7 +215,7 @@ def check_dataset(ds: Dataset, require_labels: bool = True, progress: bool = Tru
     if not ds.cases:
         return [Problem("-", str(ds.root), "dataset has no cases")]
     allowed = ds.label_values
-    for case in tqdm(ds.cases, desc="check", unit="case", disable=not progress, leave=False):
+    for case in progress_bar(ds.cases, desc="check", unit="case", disable=not progress, leave=False):
         problems += check_case(case, allowed, require_labels)
     return problems
 

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from femurseg.data.dataset import Dataset
 from femurseg.core.errors import FemursegError, atomic_path
+from femurseg.data.dataset import Dataset
 
 GROUP_BY = ("case", "subject")
 _SUBJECT_RE = re.compile(r"^(.+)[_-][^_-]*$")

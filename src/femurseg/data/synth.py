@@ -8,12 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from femurseg.core import io
-from femurseg.data import phantom
-from femurseg.data.dataset import CT_LABELS, MR_LABELS, Dataset, build_dataset, write_dataset
 from femurseg.core.errors import FemursegError
+from femurseg.core.progress import progress as progress_bar
+from femurseg.data import phantom
+from femurseg.data.dataset import (
+    CT_LABELS,
+    MR_LABELS,
+    Dataset,
+    build_dataset,
+    write_dataset,
+)
 
 
 def synthesize(
@@ -48,7 +54,7 @@ def synthesize(
     first: list[phantom.PhantomCase] = []
 
     def volumes() -> Iterator[tuple[str, io.Volume, io.Volume]]:
-        for i, case in enumerate(tqdm(cohort, total=n, desc=f"synth {modality}", unit="case", disable=not progress)):
+        for i, case in enumerate(progress_bar(cohort, total=n, desc=f"synth {modality}", unit="case", disable=not progress)):
             cid = f"hip_{i:04d}"
             groups[cid] = str(case.meta.get("side", "unknown"))
             metas[cid] = _jsonable(case.meta)

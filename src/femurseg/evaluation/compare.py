@@ -328,8 +328,7 @@ def case_panels(
 ) -> list[dict[str, Any]]:
     """Write ``case_<case>.png`` panels plus coloured meshes; returns one dict per case
     (``case``, ``label``, ``png``, ``meshes``: [(path, label)])."""
-    from tqdm import tqdm
-
+    from femurseg.core.progress import progress as progress_bar
     from femurseg.evaluation import evaluate as ev
     from femurseg.evaluation.report import figures, surface
 
@@ -340,7 +339,7 @@ def case_panels(
     mesh_dir.mkdir(exist_ok=True)
     refs = ev.reference_files(gt) if gt is not None else ev.reference_files(runs[0].evaluation.dataset)
     results = []
-    for case, label in tqdm(list(cases.items()), desc="case panels", unit="case", disable=not progress,
+    for case, label in progress_bar(list(cases.items()), desc="case panels", unit="case", disable=not progress,
                             file=sys.stderr):
         per_model: dict[str, dict[str, Any]] = {}
         ref_vol = None

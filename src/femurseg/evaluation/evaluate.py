@@ -252,10 +252,9 @@ def evaluate_folders(
 ) -> list[dict[str, Any]]:
     """Evaluate a folder of predicted masks against references; one row per case (sorted by case).
     ``region_volumes``: see :data:`RegionVolumes`."""
-    from tqdm import tqdm
-
+    from femurseg.core.progress import progress as progress_bar
     files = match_cases(pred_dir, gt, prob_dir, notify)
-    rows = [evaluate_files(cf, region_volumes=region_volumes) for cf in tqdm(files, desc="evaluate", unit="case", disable=not progress,
+    rows = [evaluate_files(cf, region_volumes=region_volumes) for cf in progress_bar(files, desc="evaluate", unit="case", disable=not progress,
                                                file=sys.stderr)]
     return sorted(rows, key=lambda r: r["case"])
 
@@ -386,8 +385,7 @@ def evaluate_run(
     Returns:
         :class:`RunEvaluation` with one row per case (``case``, ``fold``, metrics...).
     """
-    from tqdm import tqdm
-
+    from femurseg.core.progress import progress as progress_bar
     from femurseg.evaluation import metrics
     from femurseg.inference import postprocess as pp
     from femurseg.inference.run import load_run
@@ -426,7 +424,7 @@ def evaluate_run(
     pos = np.zeros(HIST_BINS, np.int64)
     neg = np.zeros(HIST_BINS, np.int64)
     rows = []
-    for case, ppath in tqdm(items, desc=f"evaluate {rdir.name}", unit="case", disable=not progress, file=sys.stderr):
+    for case, ppath in progress_bar(items, desc=f"evaluate {rdir.name}", unit="case", disable=not progress, file=sys.stderr):
         ref = read_labels(refs[case], "reference label")
         prob = read_probability(ppath)
         check_same_grid(prob, ppath, ref, refs[case])

@@ -79,7 +79,11 @@ from typing import Any
 
 import numpy as np
 
-from femurseg.inference.curves import curves_from_counts, histogram_counts, roc_pr_curves  # noqa: F401 (re-exported)
+from femurseg.inference.curves import (  # noqa: F401 (re-exported)
+    curves_from_counts,
+    histogram_counts,
+    roc_pr_curves,
+)
 
 __all__ = [
     "ap_from_curves",

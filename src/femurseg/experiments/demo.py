@@ -27,10 +27,10 @@ DEMO_MODEL = {"name": "unet3d", "features": 16, "levels": 3, "dilations": [1, 2,
 def run_demo(out: str | os.PathLike = "demo_out", n: int = 16, seed: int = 0, folds: int = 4,
              max_epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the demo into ``out``; returns the headline numbers (see :func:`compare.headline`)."""
-    from femurseg.evaluation.compare import run_compare
-    from femurseg.training.cv import run_cv
     from femurseg.data.synth import synthesize
+    from femurseg.evaluation.compare import run_compare
     from femurseg.inference.run import is_run
+    from femurseg.training.cv import run_cv
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

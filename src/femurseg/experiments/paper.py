@@ -224,11 +224,11 @@ def run_experiment(
     Returns ``{"grid": [...resolved entries], "best": {"2d": id, "3d": id}, "reports": {...},
     "results": [grid.csv rows], "seconds": float}``.
     """
-    from femurseg.evaluation import compare as cmp
+    from femurseg.core.tables import write_csv
     from femurseg.data.dataset import load_checked
     from femurseg.data.splits import load_split, split_dataset
+    from femurseg.evaluation import compare as cmp
     from femurseg.scale.distributed import resolve_backend, run_jobs
-    from femurseg.core.tables import write_csv
 
     say: Notify = notify or (lambda m: print(f"femurseg: {m}", file=sys.stderr))
     backend = resolve_backend(backend) or "local"  # fails now if Ray is asked for but missing
@@ -368,7 +368,10 @@ def experiment_command(name: str, dataset: str | os.PathLike | None, out: str | 
     if name not in EXPERIMENTS:
         raise FemursegError(f"experiment: unknown experiment {name!r} (available: {', '.join(EXPERIMENTS)})")
     if name == "ct":  # paper 003's CT cascade study lives in femurseg.ct
-        from femurseg.experiments.ct_study import describe_cascade, run_cascade_experiment
+        from femurseg.experiments.ct_study import (
+            describe_cascade,
+            run_cascade_experiment,
+        )
         if dry_run:
             return describe_cascade(scale)
         if dataset is None or out is None:

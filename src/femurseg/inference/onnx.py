@@ -194,8 +194,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     Returns:
         the written files.
     """
-    from femurseg.inference.run import parse_folds
-    from femurseg.inference.run import load_run
+    from femurseg.inference.run import load_run, parse_folds
 
     run = load_run(run_dir)
     folds = parse_folds(fold, list(range(run.k)), run.path)

@@ -635,12 +635,11 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
     for problems that stop the whole batch (output folders, duplicate case names). ``resume``: scans
     whose outputs are already complete (:func:`outputs_complete`) are skipped.
     """
-    from tqdm import tqdm
-
+    from femurseg.core.progress import progress as progress_bar
     results: list[CaseResult] = []
     failures: list[tuple[Path, str]] = []
     skipped: list[Path] = []
-    bar = tqdm(batch_plan(scans, out_dir, prob_dir=prob_dir, dicom_seg=dicom_seg, preview=preview), desc="predict",
+    bar = progress_bar(batch_plan(scans, out_dir, prob_dir=prob_dir, dicom_seg=dicom_seg, preview=preview), desc="predict",
                unit="scan", disable=not progress, file=sys.stderr)
     for scan, outs in bar:
         if resume and outputs_complete(outs):

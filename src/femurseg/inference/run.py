@@ -24,8 +24,8 @@ moment can be resumed (``--resume``) from the last complete epoch.
 
 from __future__ import annotations
 
-import datetime
 import csv
+import datetime
 import json
 import os
 import platform
@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from femurseg.core.errors import FemursegError, atomic_path
 from femurseg.data.preprocess import PreprocessConfig
 from femurseg.data.splits import Split, load_split
-from femurseg.core.errors import FemursegError, atomic_path
 
 RUN_FORMAT = "femurseg-run"
 RUN_VERSION = 1

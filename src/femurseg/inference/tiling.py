@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from femurseg.core.errors import FemursegError
 from femurseg.core.precision import get_device  # noqa: F401 (re-exported for callers of tiling)
 from femurseg.inference.accel import accelerated
-from femurseg.core.errors import FemursegError
 
 CPU_AMP_DEFAULT = False
 """Whether ``amp=None`` enables bfloat16 autocast on CPU (off: accurate enough, but no faster; see above)."""

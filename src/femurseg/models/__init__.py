@@ -14,7 +14,13 @@ Names: 'unet2d-unpadded', 'unet2d', 'unet3d', 'unet3d-unpadded', 'vnet', 'patchc
 
 from femurseg.models.blocks import ModelConfigError, count_parameters
 from femurseg.models.patchcnn import PatchCNN, extract_triplanar_patches
-from femurseg.models.registry import available_models, build_model, default_config, model_config, models_table
+from femurseg.models.registry import (
+    available_models,
+    build_model,
+    default_config,
+    model_config,
+    models_table,
+)
 from femurseg.models.unet import UNet, unet_output_size, unet_valid_input_size
 from femurseg.models.vnet import VNet
 

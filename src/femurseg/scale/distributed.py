@@ -207,8 +207,7 @@ class RayBackend:
                     device: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
         """Train ``folds`` of ``run`` as Ray tasks running :func:`femurseg.training.cv.train_fold`; returns their
         summary rows in fold order. Every fold is waited for; then the first failure is raised."""
-        from tqdm import tqdm
-
+        from femurseg.core.progress import progress as progress_bar
         ray = self.connect()
         self._check_resources(ray, "fold task")
         task = ray.remote(_fold_task)
@@ -224,7 +223,7 @@ class RayBackend:
         results: dict[int, dict[str, Any]] = {}
         errors: list[tuple[int, BaseException]] = []
         pending = list(refs)
-        with tqdm(total=len(refs), desc=f"folds on Ray ({Path(run_dir).name})", unit="fold", disable=not progress,
+        with progress_bar(total=len(refs), desc=f"folds on Ray ({Path(run_dir).name})", unit="fold", disable=not progress,
                   file=sys.stderr) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -253,8 +252,7 @@ class RayBackend:
         keyword arguments of :func:`femurseg.inference.predict.load_predictor` each actor loads the run with;
         ``options``: those of :func:`femurseg.inference.predict.predict_file` (threshold, postprocess, ...).
         """
-        from tqdm import tqdm
-
+        from femurseg.core.progress import progress as progress_bar
         from femurseg.inference import predict as P
 
         plan = [(Path(s).resolve(), _absolute_outputs(o))
@@ -276,7 +274,7 @@ class RayBackend:
             queue = collections.deque(todo)
             inflight: dict[Any, tuple[Path, Any]] = {}
             dead: set[int] = set()
-            bar = tqdm(total=len(todo), desc=f"predict on Ray ({n} replica{'s' if n > 1 else ''})", unit="scan",
+            bar = progress_bar(total=len(todo), desc=f"predict on Ray ({n} replica{'s' if n > 1 else ''})", unit="scan",
                        disable=not progress, file=sys.stderr)
 
             def refill(last_error: str = "") -> None:
@@ -375,8 +373,8 @@ def _set_threads(n: int) -> None:
 def _fold_task(run_dir: str, ds: Any, prepared: dict[str, Any], k: int, device: str | None, threads: int,
                hook: TaskHook | None) -> dict[str, Any]:
     """Body of one fold's Ray task: exactly :func:`femurseg.training.cv.train_fold`."""
-    from femurseg.training.cv import train_fold
     from femurseg.inference.run import load_run
+    from femurseg.training.cv import train_fold
 
     _set_threads(threads)
     if hook is not None:

@@ -43,18 +43,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from femurseg.core import io
 from femurseg.core.backend import local_or_backend
+from femurseg.core.errors import FemursegError
 from femurseg.core.precision import resolve_precision
+from femurseg.core.progress import progress as progress_bar
+from femurseg.core.progress import write as progress_write
+from femurseg.core.tables import write_csv
 from femurseg.data.augment import AugmentConfig
 from femurseg.data.dataset import Dataset, load_checked
-from femurseg.data.preprocess import PrepInfo, PreprocessConfig, preprocess_image, preprocess_label, restore
+from femurseg.data.preprocess import (
+    PrepInfo,
+    PreprocessConfig,
+    preprocess_image,
+    preprocess_label,
+    restore,
+)
 from femurseg.data.splits import Split, holdout_split, load_split, split_dataset
-from femurseg.core.errors import FemursegError
-from femurseg.core.tables import write_csv
-from femurseg.inference.tiling import get_device, input_size_for, is_patch_classifier, predict_prob
 from femurseg.inference.run import (
     CONFIG_NAME,
     RUN_FORMAT,
@@ -67,7 +73,20 @@ from femurseg.inference.run import (
     prepare_run_dir,
     write_json,
 )
-from femurseg.training.fit import FitResult, Sample, TrainConfig, derive_seed, fit, seed_everything
+from femurseg.inference.tiling import (
+    get_device,
+    input_size_for,
+    is_patch_classifier,
+    predict_prob,
+)
+from femurseg.training.fit import (
+    FitResult,
+    Sample,
+    TrainConfig,
+    derive_seed,
+    fit,
+    seed_everything,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-friendly (2 cores, ~5 min for 16 phantom cases x 4 folds). Chosen by measurement on the
@@ -168,7 +187,7 @@ def prepare_cases(ds: Dataset, prep: PreprocessConfig, num_classes: int = 2, pro
     Raises FemursegError for a label that is empty after cropping.
     """
     out: dict[str, Prepared] = {}
-    for case in tqdm(ds.cases, desc="preprocess", unit="case", disable=not progress, leave=False):
+    for case in progress_bar(ds.cases, desc="preprocess", unit="case", disable=not progress, leave=False):
         vol = io.read_image(case.image)
         lab = io.read_image(case.label, dtype=None)
         image, info = preprocess_image(vol.data, vol.spacing, prep)
@@ -414,7 +433,7 @@ def _train_folds_parallel(run: Run, ds: Dataset, prepared: dict[str, Prepared], 
             pickle.dump((ds, prepared), fh, protocol=pickle.HIGHEST_PROTOCOL)
         queue = list(folds)
         code = "import sys; from femurseg.training.cv import _fold_worker; sys.exit(_fold_worker(sys.argv[1:]))"
-        with tqdm(total=len(folds), desc=f"folds ({workers} processes)", unit="fold", disable=not progress) as bar:
+        with progress_bar(total=len(folds), desc=f"folds ({workers} processes)", unit="fold", disable=not progress) as bar:
             while queue or running:
                 while queue and len(running) < workers:
                     k = queue.pop(0)
@@ -434,7 +453,7 @@ def _train_folds_parallel(run: Run, ds: Dataset, prepared: dict[str, Prepared], 
                     if proc.returncode == 0 and row is not None and "error" not in row:
                         results[k] = row
                         if progress:
-                            tqdm.write(f"fold {k + 1}/{len(folds)}: best epoch {row['best_epoch']} of {row['epochs']}, "
+                            progress_write(f"fold {k + 1}/{len(folds)}: best epoch {row['best_epoch']} of {row['epochs']}, "
                                        f"validation Dice {row['best_metric']:.4f}, {row['train_seconds']:.0f} s")
                     elif row is not None and "error" in row:
                         errors[k] = row["error"]
@@ -577,7 +596,7 @@ def _write_oof(run: Run, ds: Dataset, prepared: dict[str, Prepared], case_ids: l
         return seconds
     (run.path / "oof").mkdir(exist_ok=True)
     sd = int(getattr(model, "spatial_dims", 3))
-    for cid in tqdm(case_ids, desc="predict held-out", unit="case", disable=not progress, leave=False):
+    for cid in progress_bar(case_ids, desc="predict held-out", unit="case", disable=not progress, leave=False):
         path = _oof_path(run, cid)
         if path.exists():
             continue
@@ -623,7 +642,7 @@ def finalize_run(run: Run, ds: Dataset | None = None, progress: bool = True) -> 
     (run.path / "oof_masks").mkdir(exist_ok=True)
     rows = []
     groups = {c.case_id: c.group for c in ds.cases}
-    for cid, prob, ref, sp in tqdm(list(zip(ids, probs, refs, spacings)), desc="evaluate", unit="case",
+    for cid, prob, ref, sp in progress_bar(list(zip(ids, probs, refs, spacings)), desc="evaluate", unit="case",
                                    disable=not progress, leave=False):
         mask = prob >= thr
         like = io.read_image(_oof_path(run, cid))

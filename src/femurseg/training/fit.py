@@ -72,14 +72,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from femurseg.data.augment import AugmentConfig, augment
 from femurseg.core.errors import FemursegError, atomic_path
 from femurseg.core.precision import PRECISIONS, Precision, resolve_precision
-from femurseg.inference.tiling import get_device, input_size_for, is_patch_classifier, mirror_pad, predict_classes
-from femurseg.training.losses import LOSSES, get_loss
+from femurseg.core.progress import progress as progress_bar
+from femurseg.core.progress import write as progress_write
+from femurseg.data.augment import AugmentConfig, augment
 from femurseg.inference.run import load_checkpoint, save_checkpoint, write_json
+from femurseg.inference.tiling import (
+    get_device,
+    input_size_for,
+    is_patch_classifier,
+    mirror_pad,
+    predict_classes,
+)
+from femurseg.training.losses import LOSSES, get_loss
 
 MONITORS = ("dice", "loss")
 LR_SCHEDULES = ("constant", "cosine")
@@ -567,7 +574,7 @@ def fit(
             batches = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)] if dist is None \
                 else dist.shard(items, cfg.batch_size)
             total = 0.0
-            bar = tqdm(batches, desc=f"{desc}epoch {epoch}", unit="batch", leave=False, disable=not progress,
+            bar = progress_bar(batches, desc=f"{desc}epoch {epoch}", unit="batch", leave=False, disable=not progress,
                        dynamic_ncols=True)
             for n, chunk in enumerate(bar, start=1):
                 x, y, frac = _make_batch(train, chunk, model, cfg, rng)
@@ -600,7 +607,7 @@ def fit(
                             "lr": optimizer.param_groups[0]["lr"], "best_epoch": stopper.best_epoch,
                             "seconds": round(seconds, 3)})
             if progress and writer:
-                tqdm.write(f"{desc}epoch {epoch}: train loss {train_loss:.4f}"
+                progress_write(f"{desc}epoch {epoch}: train loss {train_loss:.4f}"
                            + (f", val loss {val_loss:.4f}, val Dice {val_dice:.4f}" if val else "")
                            + (" *" if improved else "") + (" (stop)" if finished else ""))
             if out is not None and writer:

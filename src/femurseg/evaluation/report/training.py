@@ -14,8 +14,7 @@ import numpy as np
 
 from femurseg.core.errors import FemursegError
 from femurseg.evaluation.report.figures import _save, model_colours
-from femurseg.inference.run import load_run
-from femurseg.inference.run import read_log
+from femurseg.inference.run import load_run, read_log
 
 
 def plot_training(run_path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
