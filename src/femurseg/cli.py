@@ -142,6 +142,8 @@ def predict(
     dicom_seg_out: Optional[Path] = typer.Option(None, "--dicom-seg-out", help="Path of the DICOM SEG (implies --dicom-seg)."),
     preview: bool = typer.Option(False, "--preview", help="Also write <output stem>_preview.png (coronal slices with the outline)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    qc: str = typer.Option("on", "--qc", help="on (check each scan and mask: ok/warn/fail in <case>_qc.json and the batch "
+                           "table) | strict (also: no mask for a fail scan, exit 2) | off."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     resume: bool = typer.Option(False, "--resume", help="Skip scans whose outputs already exist and read back (finish an interrupted batch)."),
     backend: str = typer.Option("local", "--backend", help="local | ray (batch: stream the scans through Ray actors holding the models)."),
@@ -152,14 +154,16 @@ def predict(
 ) -> None:
     """Segment the proximal femur in a scan (or a batch of scans) with a trained run.
 
-    Exit status: 0 done; 1 nothing done (bad run, input or output); 2 batch finished but some scans failed.
+    Exit status: 0 done; 1 nothing done (bad run, input or output); 2 batch finished but some scans failed,
+    or (--qc strict) the scan failed quality control.
     """
     from femurseg.ct.predict import load_any_predictor
     from femurseg.inference.predict import predict_command
     from femurseg.scale.distributed import backend_from_options
 
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, replicas=replicas)
-    code = predict_command(run, inputs, output, backend=be, resume=resume, load=load_any_predictor, prob=prob, threshold=threshold, postprocess=postprocess,
+    code = predict_command(run, inputs, output, backend=be, resume=resume, load=load_any_predictor, qc=qc,
+                           prob=prob, threshold=threshold, postprocess=postprocess,
                            min_size_mm3=min_size, folds=folds, tta=tta, engine=engine, onnx_path=onnx, tiles=tiles,
                            dicom_seg=dicom_seg, dicom_seg_out=dicom_seg_out, preview=preview, device=device,
                            progress=not quiet, echo=typer.echo)

@@ -340,7 +340,7 @@ def case_panels(
     refs = ev.reference_files(gt) if gt is not None else ev.reference_files(runs[0].evaluation.dataset)
     results = []
     for case, label in progress_bar(list(cases.items()), desc="case panels", unit="case", disable=not progress,
-                            file=sys.stderr):
+                                    file=sys.stderr):
         per_model: dict[str, dict[str, Any]] = {}
         ref_vol = None
         for m in runs:

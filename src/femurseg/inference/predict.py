@@ -50,6 +50,8 @@ Length: the whole predict path (loading a run, probabilities, threshold and post
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -63,6 +65,7 @@ from torch import nn
 
 from femurseg.core import io
 from femurseg.core.errors import FemursegError, atomic_path
+from femurseg.inference.qc import QC_MODES, assess
 
 EXIT_SOME_FAILED = 2
 """Exit status of a batch in which at least one scan failed (others were segmented)."""
@@ -112,6 +115,7 @@ class Predictor:
             49 = 7 x 7 as in 002, 1 = one mirrored tile covering the slice); see :func:`mirrored_tiling`.
         max_voxels: 3D networks take volumes up to this many voxels whole; larger ones go through a
             Gaussian-weighted sliding window (:func:`memory_window`).
+        qc_reference: the run's ``qc_reference.json`` (:mod:`femurseg.inference.qc`), None if it has none.
         probability_fn: ``(predictor, volume, tta) -> probabilities on the volume's grid`` replacing
             :func:`predict_probability`'s own path; the CT cascade's predictor sets it
             (:func:`femurseg.ct.predict.predict_cascade`: ``(3, *shape)`` class probabilities).
@@ -130,6 +134,7 @@ class Predictor:
     tiles: int = DEFAULT_TILES
     max_voxels: int = MAX_WHOLE_VOXELS
     probability_fn: Callable[[Any, Any, str], np.ndarray] | None = None
+    qc_reference: dict[str, Any] | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -174,8 +179,11 @@ def load_predictor(run_dir: str | os.PathLike, *, folds: str | int | None = "all
         models = [_onnx_model(run, k, dev, onnx_path, notify) for k in chosen]
     thresholds = {k: float(v) for k, v in (run.thresholds or {}).items()
                   if k in ("pr", "youden") and isinstance(v, (int, float))}
+    from femurseg.inference.qc import load_reference
+
     return Predictor(run.path, models, chosen, run.preprocess, _infer_options(run.config), thresholds,
-                     _train_spacing(run.config), str(run.config.get("task", "segment")), dev, run.config)
+                     _train_spacing(run.config), str(run.config.get("task", "segment")), dev, run.config,
+                     qc_reference=load_reference(run.path))
 
 
 def _infer_options(config: dict[str, Any]) -> dict[str, Any]:
@@ -251,6 +259,16 @@ def predict_probability(pred: Predictor, vol: io.Volume, tta: str = "none") -> n
         flipped = _predict_preprocessed(pred, np.ascontiguousarray(image[..., ::-1]))
         prob = 0.5 * (prob + flipped[..., ::-1])
     return restore(np.ascontiguousarray(prob, dtype=np.float32), info, order=1)
+
+
+def fold_probabilities(pred: Predictor, vol: io.Volume, tta: str = "none") -> list[np.ndarray]:
+    """Each fold model's probability on ``vol``'s grid (as :func:`predict_probability` with that model
+    alone); their mean is the ensemble's probability (the softmax is averaged over the models and
+    restored linearly). A predictor with its own ``probability_fn`` gives one map, the ensemble's."""
+    if pred.probability_fn is not None or len(pred.models) < 2:
+        return [predict_probability(pred, vol, tta)]
+    return [predict_probability(dataclasses.replace(pred, models=[m], folds=[k]), vol, tta)
+            for m, k in zip(pred.models, pred.folds)]
 
 
 def _predict_preprocessed(pred: Predictor, image: np.ndarray) -> np.ndarray:
@@ -420,27 +438,53 @@ class CaseResult:
     threshold: float
     voxels: int
     volume_cm3: float
+    qc: dict[str, Any] | None = None
+    """The QC record (:func:`femurseg.inference.qc.assess`), None with ``qc="off"``."""
+
+
+class QCFailed(FemursegError):
+    """``--qc strict``: the scan failed quality control; no mask was written."""
 
 
 def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *, threshold: str | float | None = None,
                  postprocess: str = DEFAULT_POSTPROCESS, min_size_mm3: float = 0.0, tta: str = "none",
-                 notify: Notify = _stderr_notice) -> CaseResult:
+                 notify: Notify = _stderr_notice, qc: str = "on") -> CaseResult:
     """Segment one scan and write its outputs (see the module docstring for the steps).
+
+    ``qc`` (:data:`femurseg.inference.qc.QC_MODES`): "on" checks the scan and its mask
+    (:func:`femurseg.inference.qc.assess`), writes the record beside the mask (``<case>_qc.json``)
+    and reports anything not ``ok`` through ``notify``; "strict" also refuses to write the outputs of
+    a ``fail`` scan (:class:`QCFailed`); "off" skips the checks.
 
     Raises:
         FemursegError: unreadable / non-3D input, a DICOM SEG asked for a non-DICOM input, outputs that
-            cannot be written. No output file is left behind on any error.
+            cannot be written, a QC failure under ``qc="strict"``. No output file is left behind on
+            any error.
     """
     src = Path(input_path)
     check_outputs(out)
     if out.dicom_seg is not None and src.is_file():
         raise FemursegError(f"{src}: --dicom-seg needs a DICOM series folder as input, not a {src.name} file")
+    if qc not in QC_MODES:
+        raise FemursegError(f"--qc: expected one of {', '.join(QC_MODES)}, got {qc!r}")
     vol = io.read_image(src)
     check_volume(pred, vol, notify)
-    prob = predict_probability(pred, vol, tta)
+    folds = fold_probabilities(pred, vol, tta) if qc != "off" else [predict_probability(pred, vol, tta)]
+    prob = folds[0] if len(folds) == 1 else np.mean(folds, axis=0, dtype=np.float32)
     mask, thr = segment(prob, vol.spacing, threshold=threshold, stored=pred.thresholds, postprocess=postprocess,
                         min_size_mm3=min_size_mm3, notify=notify)
     fg_prob = (1.0 - prob[0]) if prob.ndim == 4 else prob
+    record = None
+    if qc != "off":
+        fold_masks = [segment(p, vol.spacing, threshold=thr, postprocess=postprocess, min_size_mm3=min_size_mm3,
+                              notify=lambda m: None)[0] for p in folds] if len(folds) > 1 else []
+        record = assess(vol.data, vol.spacing, mask, prob=fg_prob, fold_masks=fold_masks, reference=pred.qc_reference)
+        record["input"] = str(src)
+        if record["verdict"] != "ok":
+            notify(f"QC {record['verdict']}: {src.name}: {'; '.join(r.split(': ', 1)[1] for r in record['reasons'])}")
+        if qc == "strict" and record["verdict"] == "fail":
+            raise QCFailed(f"{src}: QC fail ({'; '.join(r.split(': ', 1)[1] for r in record['reasons'] if r.startswith('fail'))});"
+                           " no mask written (--qc strict)")
     seg_ds = None
     if out.dicom_seg is not None:  # build it before writing anything: a bad header must not leave a mask
         from femurseg.core.dicom_seg import build_segmentation
@@ -452,13 +496,48 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
             io.write_like(stack.enter_context(atomic_path(out.prob)), fg_prob.astype(np.float32), vol, np.float32)
         if seg_ds is not None:
             seg_ds.save_as(stack.enter_context(atomic_path(out.dicom_seg)), enforce_file_format=True)
+        if record is not None:
+            qc_path = qc_sidecar(out.mask)
+            with open(stack.enter_context(atomic_path(qc_path)), "w") as fh:
+                json.dump(record, fh, indent=1, default=float)
         if out.preview is not None:
             from femurseg.core.preview import save_montage
 
             save_montage(vol.data, mask, stack.enter_context(atomic_path(out.preview)), title=src.name,
                          spacing=vol.spacing, prob=fg_prob)
     n = int(np.count_nonzero(mask))
-    return CaseResult(src, out, thr, n, n * float(np.prod(vol.spacing)) / 1000.0)
+    return CaseResult(src, out, thr, n, n * float(np.prod(vol.spacing)) / 1000.0, record)
+
+
+def qc_sidecar(mask_path: str | os.PathLike) -> Path:
+    """Where the QC record of a mask goes: ``<case>_qc.json`` beside ``<case>.nii.gz``."""
+    p = Path(mask_path)
+    return p.with_name(f"{image_stem(p)}_qc.json")
+
+
+BATCH_TABLE = "predictions.csv"
+"""The batch table written into the output folder: one row per scan (volume, threshold, QC)."""
+
+
+def write_batch_table(res: BatchResult, out_dir: str | os.PathLike) -> Path:
+    """``out_dir/predictions.csv``: per scan the mask, femur volume (cm^3), threshold, QC verdict and reasons
+    (failed scans: verdict ``error`` or the QC failure, with the message)."""
+    from femurseg.core.tables import write_csv
+
+    rows: list[dict[str, Any]] = []
+    for r in res.results:
+        q = r.qc or {}
+        rows.append({"case": case_name(r.input), "input": str(r.input), "mask": str(r.outputs.mask),
+                     "volume_cm3": r.volume_cm3, "voxels": r.voxels, "threshold": r.threshold,
+                     "qc": q.get("verdict", "off"), "qc_reasons": " | ".join(q.get("reasons", [])),
+                     "fold_agreement": q.get("fold_agreement"), "entropy_bits": q.get("entropy_bits")})
+    for scan, err in res.failures:
+        rows.append({"case": case_name(scan), "input": str(scan), "mask": "", "volume_cm3": None, "voxels": None,
+                     "threshold": None, "qc": "fail" if "QC fail" in (err or "") else "error", "qc_reasons": err or "",
+                     "fold_agreement": None, "entropy_bits": None})
+    path = Path(out_dir) / BATCH_TABLE
+    write_csv(sorted(rows, key=lambda r: r["case"]), path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +706,7 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
                  prob_dir: str | os.PathLike | None = None, dicom_seg: bool = False, preview: bool = False,
                  threshold: str | float | None = None, postprocess: str = DEFAULT_POSTPROCESS,
                  min_size_mm3: float = 0.0, tta: str = "none", progress: bool = True,
-                 notify: Notify = _stderr_notice, resume: bool = False) -> BatchResult:
+                 notify: Notify = _stderr_notice, resume: bool = False, qc: str = "on") -> BatchResult:
     """Segment several scans into ``out_dir/<case>.nii.gz`` (plus ``<case>.nii.gz`` probability maps
     in ``prob_dir``, ``<case>.dcm`` SEGs for DICOM inputs, ``<case>_preview.png``).
 
@@ -636,17 +715,18 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
     whose outputs are already complete (:func:`outputs_complete`) are skipped.
     """
     from femurseg.core.progress import progress as progress_bar
+
     results: list[CaseResult] = []
     failures: list[tuple[Path, str]] = []
     skipped: list[Path] = []
-    bar = progress_bar(batch_plan(scans, out_dir, prob_dir=prob_dir, dicom_seg=dicom_seg, preview=preview), desc="predict",
-               unit="scan", disable=not progress, file=sys.stderr)
+    bar = progress_bar(batch_plan(scans, out_dir, prob_dir=prob_dir, dicom_seg=dicom_seg, preview=preview),
+                       desc="predict", unit="scan", disable=not progress, file=sys.stderr)
     for scan, outs in bar:
         if resume and outputs_complete(outs):
             skipped.append(scan)
             continue
         res, err = predict_case(pred, scan, outs, threshold=threshold, postprocess=postprocess,
-                                min_size_mm3=min_size_mm3, tta=tta, notify=notify)
+                                min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc)
         if res is not None:
             results.append(res)
             continue
@@ -693,7 +773,7 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                     preview: bool = False, device: str = "auto", progress: bool = True,
                     echo: Callable[[str], None] = print, notify: Notify = _stderr_notice,
                     backend: Any = None, resume: bool = False,
-                    load: Callable[..., Predictor] | None = None) -> int:
+                    load: Callable[..., Predictor] | None = None, qc: str = "on") -> int:
     """``femurseg predict``: check everything cheap first, load the run once, segment; returns the exit status
     (0, or :data:`EXIT_SOME_FAILED` when a batch finished with failures). Raises FemursegError otherwise.
 
@@ -708,7 +788,9 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                   min_size_mm3=min_size_mm3)
     backend = local_or_backend(backend)  # None: here; a back-end is connected now, before any work
     scans, batch = expand_inputs(list(inputs))
-    common = dict(threshold=threshold, postprocess=postprocess, min_size_mm3=min_size_mm3, tta=tta, notify=notify)
+    if qc not in QC_MODES:
+        raise FemursegError(f"--qc: expected one of {', '.join(QC_MODES)}, got {qc!r}")
+    common = dict(threshold=threshold, postprocess=postprocess, min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc)
     if batch:
         if dicom_seg_out is not None:
             raise FemursegError(f"{dicom_seg_out}: --dicom-seg-out names one file; in batch mode use --dicom-seg "
@@ -739,8 +821,14 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
             return 0
         if backend is not None:
             notify("notice: a single scan is segmented here, not on Ray (--backend ray is for batches)")
-        r = predict_file(pred, scans[0], outs, **common)
-        echo(f"wrote {r.outputs.mask}: femur {r.volume_cm3:.2f} cm^3 ({r.voxels} voxels) at threshold {r.threshold:.4g}")
+        try:
+            r = predict_file(pred, scans[0], outs, **common)
+        except QCFailed as exc:
+            notify(str(exc))
+            return EXIT_SOME_FAILED
+        verdict = f", QC {r.qc['verdict']}" if r.qc else ""
+        echo(f"wrote {r.outputs.mask}: femur {r.volume_cm3:.2f} cm^3 ({r.voxels} voxels) at threshold {r.threshold:.4g}"
+             f"{verdict}")
         for extra in (r.outputs.prob, r.outputs.dicom_seg, r.outputs.preview):
             if extra is not None:
                 echo(f"wrote {extra}")
@@ -751,5 +839,12 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     else:
         res = backend.predict_many(pred, scans, output, load=dict(folds=folds, engine=engine, device=device,
                                                                   onnx_path=onnx_path), **kwargs)
+    table = write_batch_table(res, output)
     echo(res.summary())
+    flagged = [r for r in res.results if r.qc and r.qc["verdict"] != "ok"]
+    if flagged:
+        echo(f"QC: {sum(r.qc['verdict'] == 'warn' for r in flagged)} warn, "
+             f"{sum(r.qc['verdict'] == 'fail' for r in flagged)} fail (see {table})")
+    else:
+        echo(f"wrote {table}")
     return EXIT_SOME_FAILED if res.failures else 0

@@ -224,7 +224,7 @@ class RayBackend:
         errors: list[tuple[int, BaseException]] = []
         pending = list(refs)
         with progress_bar(total=len(refs), desc=f"folds on Ray ({Path(run_dir).name})", unit="fold", disable=not progress,
-                  file=sys.stderr) as bar:
+                          file=sys.stderr) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 k = refs[done[0]]
@@ -275,7 +275,7 @@ class RayBackend:
             inflight: dict[Any, tuple[Path, Any]] = {}
             dead: set[int] = set()
             bar = progress_bar(total=len(todo), desc=f"predict on Ray ({n} replica{'s' if n > 1 else ''})", unit="scan",
-                       disable=not progress, file=sys.stderr)
+                               disable=not progress, file=sys.stderr)
 
             def refill(last_error: str = "") -> None:
                 """Keep IN_FLIGHT_PER_REPLICA scans queued on every live replica."""

@@ -48,6 +48,9 @@ from femurseg.core import io
 from femurseg.core.backend import local_or_backend
 from femurseg.core.errors import FemursegError
 from femurseg.core.precision import resolve_precision
+from femurseg.inference.qc import image_features, mask_features, reference_from_cases
+from femurseg.inference.qc import load_reference as load_qc_reference
+from femurseg.inference.qc import write_reference as write_qc_reference
 from femurseg.core.progress import progress as progress_bar
 from femurseg.core.progress import write as progress_write
 from femurseg.core.tables import write_csv
@@ -179,6 +182,9 @@ def _conflicts(stored: dict[str, Any], given: dict | None, section: str) -> list
 class Prepared:
     sample: Sample
     info: PrepInfo
+    qc: tuple[dict[str, float], dict[str, float]] | None = None
+    """The case's QC features: :func:`femurseg.inference.qc.image_features` of the image and
+    :func:`femurseg.inference.qc.mask_features` of its label (original grid)."""
 
 
 def prepare_cases(ds: Dataset, prep: PreprocessConfig, num_classes: int = 2, progress: bool = True) -> dict[str, Prepared]:
@@ -199,7 +205,8 @@ def prepare_cases(ds: Dataset, prep: PreprocessConfig, num_classes: int = 2, pro
         if int(label.max()) >= num_classes:
             raise FemursegError(f"{case.label}: label value {int(label.max())} needs a model with more than "
                                 f"{num_classes} classes")
-        out[case.case_id] = Prepared(Sample(case.case_id, image, label), info)
+        qc = (image_features(vol.data, vol.spacing), mask_features(np.asarray(lab.data) > 0, vol.spacing))
+        out[case.case_id] = Prepared(Sample(case.case_id, image, label), info, qc)
     return out
 
 
@@ -349,6 +356,9 @@ def run_cv(
             **({"ddp": dist.describe(tcfg.batch_size)} if dist is not None else {}),
         }
         _create_run_dir(out, config, split)
+    if dist is None or dist.is_main:
+        if load_qc_reference(out) is None:  # what the model saw, for predict's QC
+            write_qc_reference(out, reference_from_cases({c: p.qc for c, p in prepared.items() if p.qc}))
     if dist is not None:
         dist.barrier()
     run = load_run(out)
@@ -643,7 +653,7 @@ def finalize_run(run: Run, ds: Dataset | None = None, progress: bool = True) -> 
     rows = []
     groups = {c.case_id: c.group for c in ds.cases}
     for cid, prob, ref, sp in progress_bar(list(zip(ids, probs, refs, spacings)), desc="evaluate", unit="case",
-                                   disable=not progress, leave=False):
+                                           disable=not progress, leave=False):
         mask = prob >= thr
         like = io.read_image(_oof_path(run, cid))
         io.write_like(run.path / "oof_masks" / f"{cid}.nii.gz", mask.astype(np.uint8), like)

@@ -575,7 +575,7 @@ def fit(
                 else dist.shard(items, cfg.batch_size)
             total = 0.0
             bar = progress_bar(batches, desc=f"{desc}epoch {epoch}", unit="batch", leave=False, disable=not progress,
-                       dynamic_ncols=True)
+                               dynamic_ncols=True)
             for n, chunk in enumerate(bar, start=1):
                 x, y, frac = _make_batch(train, chunk, model, cfg, rng)
                 x, y = augment(x, y, aug, gen) if not is_patch_classifier(model) else (x, y)
