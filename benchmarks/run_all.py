@@ -14,6 +14,7 @@ training_paper      train step, 3D U-Net F32 L4 (dilated), 48x256x256 (2 repeats
 ceiling             matmul / conv GFLOP/s and the network's fraction of them            ceiling_paper.csv
 metrics             ASD/MSD/HD95 on 48x512x512, femurseg vs MONAI (bench_metrics.py)    metrics.csv
 levers_demo         every femurseg.inference.accel mode on the demo input                         levers_demo.csv
+machine_classes     training (demo) and inference per CPU class: native, AVX512_CORE, AVX2     classes.csv
 ==================  ==================================================================  =========
 
 ``--quick`` (a few minutes): fewer repeats, no paper-size training, no lever sweep.
@@ -114,11 +115,18 @@ def _steps(quick: bool) -> list[tuple[str, Callable[[Path], Any]]]:
         res = bench_inference.run("demo", r_small, levers=bench_inference.LEVERS)
         common.write_csv(res["rows"], out / "levers_demo.csv")
 
+    def machine_classes(out: Path) -> None:
+        import bench_classes
+
+        rows = bench_classes.run(bench_classes.CLASSES, 2 if quick else 3, "demo" if quick else "paper")
+        common.write_csv(rows, out / "classes.csv")
+
     steps = [("inference_paper", inference_paper), ("inference_demo", inference_demo),
              ("training_demo", training_demo), ("ceiling", ceiling), ("metrics", metrics)]
     if not quick:
         steps.insert(3, ("training_paper", training_paper))
         steps.append(("levers_demo", levers_demo))
+    steps.append(("machine_classes", machine_classes))
     return steps
 
 
@@ -224,6 +232,15 @@ def write_summary(out: Path, started: str = "", elapsed_s: float | None = None) 
                      f"| {res['speedup']:.1f}x (vs MONAI's 3 calls), max diff {res['diff']:.1e} mm | {_status(ok)} |")
     L.append("")
 
+    classes = _load(out, "classes.csv")
+    if classes:
+        import bench_classes
+
+        L += ["## 0. Per machine class (oneDNN capped with ONEDNN_MAX_CPU_ISA)", "",
+              "The same kernels an AVX2-only CPU or an AVX-512 CPU without BF16 runs, on this machine "
+              f"(measured {classes[0].get('date', '?')}): femurseg's default (precision and acceleration "
+              "chosen for the class) against plain float32 eager PyTorch and MONAI.", ""]
+        L += bench_classes.table(classes) + [""]
     if inf_p:
         L += [f"## 1. Inference, paper size (scan {inf_p[0]['scan']} -> network {inf_p[0]['network_input']})", ""]
         L += _inference_table(inf_p) + [""]

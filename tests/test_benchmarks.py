@@ -126,3 +126,19 @@ def test_precision_study_rows(tmp_path):
     common.write_csv(rows, tmp_path / "precision_paper.csv")
     summary = run_all.write_summary(tmp_path).read_text()
     assert "Which convolutions may run in bfloat16" in summary
+
+
+def test_machine_class_rows_and_table(results):
+    """bench_classes turns one class's training and inference rows into the per-class table."""
+    import bench_classes
+
+    res = {"native_bf16": False, "training": common.read_csv(results / "training_demo.csv"),
+           "inference": common.read_csv(results / "inference_paper.csv")}
+    rows = bench_classes.rows_for("AVX2", res)
+    assert {r["engine"] for r in rows} == {"femurseg", "femurseg-preset", "plain", "monai"}
+    assert all(r["class"] == "AVX2" and r["onednn_max_cpu_isa"] == "AVX2" and r["seconds_median"] > 0 for r in rows)
+    table = bench_classes.table(rows)
+    assert len(table) == 4 and table[2].startswith("| AVX2 only |") and "femurseg-preset" in table[2]
+    common.write_csv(rows, results / "classes.csv")
+    assert "Per machine class" in run_all.write_summary(results).read_text()
+

@@ -120,6 +120,8 @@ def build_segmentation(mask: np.ndarray, volume: Volume, *, series_description: 
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     seg.SeriesDescription = series_description
+    if "ContentCreatorName" not in seg:  # Type 2 in the Segmentation IOD: present, empty (no human creator)
+        seg.ContentCreatorName = ""
     return seg
 
 
