@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 
-.PHONY: demo test test-slow test-avx2 smoke-avx2 bench venv clean
+.PHONY: demo test test-slow test-avx2 smoke-avx2 browser bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium for the report's browser test (needs root and apt; CI runs it). Without it the
+# test is skipped with its reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the report's browser test will be skipped"
 
 # What an AVX2-only CPU runs (oneDNN capped to AVX2): a timed cv + predict smoke and the precision tests.
 smoke-avx2: $(STAMP)

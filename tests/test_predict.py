@@ -230,7 +230,8 @@ def test_preview_and_probability_written_together(predictor, tmp_path):
     P.predict_file(predictor, src, outs, threshold="otsu")
     assert outs.preview == tmp_path / "out" / "case_preview.png"
     assert outs.preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case.nii.gz", "case_preview.png", "case_prob.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case.nii.gz", "case_preview.png", "case_prob.nii.gz",
+                                                                 "case_qc.json"]
 
 
 def test_expand_inputs(tmp_path):
@@ -272,7 +273,7 @@ def test_cli_batch_with_one_corrupt_scan(run3d, tmp_path):
     assert r.returncode == P.EXIT_SOME_FAILED, r.stderr
     assert "segmented 2 of 3 scans, 1 failed" in r.stdout
     assert "b.nii.gz" in r.stderr and "Traceback" not in r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "a_qc.json", "c.nii.gz", "c_qc.json", "predictions.csv"]
     assert io.read_image(out / "c.nii.gz").geometry.matches(io.read_image(scans / "c.nrrd").geometry) is None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -200,18 +201,43 @@ def test_signed_surface_distance():
     assert empty.empty
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make browser installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(compared, tmp_path):
+    """The report opened from disk in a real browser: a non-blank screenshot, every image decoded
+    (none broken), its tables present, and nothing fetched from another machine (every host name
+    resolves to nothing, so an external reference would show as a broken image or a failed load)."""
     root, _, hl, _ = compared
+    report = Path(hl["report"]).resolve()
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", f"--screenshot={shot}",
-           Path(hl["report"]).resolve().as_uri()]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost", f"--user-data-dir={tmp_path / 'profile'}"]
+    r = subprocess.run(base + ["--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 20_000
     from PIL import Image
 
     im = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert im.shape[0] >= 2000 and im.std() > 10  # not a blank page
+    # a copy of the report (same folder, so relative links resolve) that records, after load, how
+    # many images decoded and how many resources came from outside the machine
+    probe = report.with_name("report_probe.html")
+    script = ("<script>window.addEventListener('load', () => {"
+              "const imgs = [...document.images];"
+              "const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;"
+              "const remote = performance.getEntriesByType('resource').map(e => e.name)"
+              ".filter(u => !u.startsWith('file:') && !u.startsWith('data:')).length;"
+              "document.body.setAttribute('data-probe', `images=${imgs.length} broken=${broken} remote=${remote} "
+              "tables=${document.querySelectorAll('table').length}`);});</script>")
+    probe.write_text(report.read_text().replace("</body>", script + "</body>"))
+    try:
+        r = subprocess.run(base + ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r'data-probe="images=(\d+) broken=(\d+) remote=(\d+) tables=(\d+)"', r.stdout)
+    assert m, r.stdout[-2000:]
+    images, broken, remote, tables = map(int, m.groups())
+    assert images >= 4 and broken == 0 and remote == 0 and tables >= 2

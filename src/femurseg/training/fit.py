@@ -416,6 +416,22 @@ def _forward(model: nn.Module, x: torch.Tensor, call: nn.Module | None = None) -
     return call(x)
 
 
+def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format | None:
+    """``torch.channels_last_3d`` for 3D networks trained on the CPU, else None (keep the default).
+
+    oneDNN's blocked 3D convolution kernels run without reordering every activation in NDHWC
+    (channels-last) layout. Measured on the demo 3D U-Net (F16, L3, instance norm, 48 x 64 x 64,
+    2 threads, Intel Xeon with AMX, 2026-12-05): a bare training step in float32 under
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` 0.693 -> 0.637 s, in bfloat16 with AMX 0.166 -> 0.158 s (median of
+    3 x 6 steps); a whole ``fit`` step of the default preset (A/B interleaved, 4 x 4 steps) 0.911 ->
+    0.875 s under AVX2 and 0.338 -> 0.333 s with AMX. A small gain where float32 runs, none lost
+    elsewhere. Only the memory layout changes; the arithmetic is the same up to rounding order.
+    """
+    if torch.device(device).type != "cpu" or int(getattr(model, "spatial_dims", 3)) != 3 or is_patch_classifier(model):
+        return None
+    return torch.channels_last_3d
+
+
 def bf16_conv3d_hazard(model: nn.Module, samples: list[Sample], cfg: TrainConfig) -> bool:
     """True when a 3x3x3 ``Conv3d`` (dilation 1) of ``model`` sees an input of depth 2 on the
     training input size.
@@ -526,6 +542,9 @@ def fit(
     monitor = cfg.monitor if val else "train_loss"
     stopper = EarlyStopping(cfg.min_epochs, cfg.patience, cfg.min_delta, "max" if monitor == "dice" else "min")
     model.to(dev).train()
+    memory_format = training_memory_format(model, dev)
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
     net = model if dist is None else dist.wrap(model)  # what the training step calls
     writer = dist is None or dist.is_main
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -580,6 +599,8 @@ def fit(
                 x, y, frac = _make_batch(train, chunk, model, cfg, rng)
                 x, y = augment(x, y, aug, gen) if not is_patch_classifier(model) else (x, y)
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
+                if memory_format is not None:
+                    x = x.contiguous(memory_format=memory_format)
                 optimizer.zero_grad(set_to_none=True)
                 with prec.autocast():
                     logits = _forward(model, x, net)
