@@ -241,8 +241,9 @@ def test_ray_cohort_corrupt_scan_and_killed_replica(ray_local, local_run, cohort
     assert lines[0] == "segmented 5 of 6 scans, 1 failed" and "predictions.csv" in lines[-1]
     failures = [n for n in notes if n.startswith("failed:")]
     assert len(failures) == 1 and "c3.nii.gz" in failures[0] and "\n" not in failures[0]
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".nii.gz")) == \
         [f"c{i}.nii.gz" for i in (0, 1, 2, 4, 5)]
+    assert (out / "predictions.csv").exists() and (out / "c0_qc.json").exists()
     with torch.inference_mode():
         prev = torch.get_num_threads()
         torch.set_num_threads(1)  # as in the replicas
