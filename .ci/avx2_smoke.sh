@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # AVX2-only CPUs (most laptops, desktops, AMD Zen 2/3 servers, many cloud VMs): oneDNN capped to AVX2
 # runs exactly the kernels it runs there. A 1-epoch, 2-fold `femurseg cv` on 4 phantoms plus one
-# `femurseg predict` must finish within SMOKE_LIMIT_S seconds (default 150; about 40 s in float32
+# `femurseg predict` must finish within SMOKE_LIMIT_S seconds (default 90; 15 s in float32
 # on a 2-core machine, several minutes if training fell back to emulated bfloat16) and record
 # float32 as the precision used; then the tests that touch precision run under the same cap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ONEDNN_MAX_CPU_ISA=AVX2
 BIN=${BIN:-.venv/bin}
-LIMIT=${SMOKE_LIMIT_S:-150}
+LIMIT=${SMOKE_LIMIT_S:-90}
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 start=$(date +%s)
