@@ -9,10 +9,10 @@ DEMO    ?= demo_out
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -qq --upgrade pip
 	# torch is pinned to the CPU build on disk; an unpinned torch pulls GBs of CUDA wheels.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,onnx,distributed]'
+	$(BIN)/pip install -qq torch==2.13.0
+	$(BIN)/pip install -qq -e '.[test,onnx,distributed]'
 	touch $(STAMP)
 
 venv: $(STAMP)
