@@ -62,6 +62,17 @@ def test_assess_verdicts(reference):
     assert no_ref["verdict"] == "ok" and no_ref["reference"] is False
 
 
+def test_femoral_head_check_is_a_mask_check(reference):
+    from femurseg.ct.regions import femoral_head_check
+
+    c = _case(8)
+    assert femoral_head_check(c.label > 0, SPACING) == []
+    block = np.zeros(SHAPE, bool)
+    block[4:28, 10:50, 20:40] = True  # a box: no head sphere
+    reasons = Q.assess(c.image, SPACING, block, reference=reference, checks=(femoral_head_check,))["reasons"]
+    assert any(r.startswith("fail:") and "femoral head" in r for r in reasons)
+
+
 def test_fold_agreement_and_entropy():
     a = np.zeros((4, 4, 4), bool)
     a[:2] = True
@@ -100,8 +111,10 @@ def test_predict_qc_end_to_end(trained_run, tmp_path):
     io.write_volume(scans / "ct.nii.gz", io.make_volume(_case(103, "ct").image.astype(np.float32), SPACING))
     lines: list[str] = []
     notes: list[str] = []
+    from femurseg.ct.regions import femoral_head_check
+
     code = P.predict_command(trained_run, [scans], tmp_path / "out", progress=False, echo=lines.append,
-                             notify=notes.append)
+                             notify=notes.append, qc_checks=(femoral_head_check,))
     assert code == 0
     rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / P.BATCH_TABLE))}
     assert rows["hip_101"]["qc"] == "ok" and rows["hip_102"]["qc"] == "ok", rows

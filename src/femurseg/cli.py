@@ -158,11 +158,13 @@ def predict(
     or (--qc strict) the scan failed quality control.
     """
     from femurseg.ct.predict import load_any_predictor
+    from femurseg.ct.regions import femoral_head_check
     from femurseg.inference.predict import predict_command
     from femurseg.scale.distributed import backend_from_options
 
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, replicas=replicas)
     code = predict_command(run, inputs, output, backend=be, resume=resume, load=load_any_predictor, qc=qc,
+                           qc_checks=(femoral_head_check,),
                            prob=prob, threshold=threshold, postprocess=postprocess,
                            min_size_mm3=min_size, folds=folds, tta=tta, engine=engine, onnx_path=onnx, tiles=tiles,
                            dicom_seg=dicom_seg, dicom_seg_out=dicom_seg_out, preview=preview, device=device,

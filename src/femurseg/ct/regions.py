@@ -566,3 +566,15 @@ def split_regions(mask: np.ndarray, spacing: tuple[float, float, float], **kwarg
     """
     fit = fit_femur(mask, spacing, **kwargs)
     return label_regions(mask, spacing, fit), fit.to_dict()
+
+
+def femoral_head_check(mask: np.ndarray, spacing: tuple[float, float, float]) -> list[str]:
+    """A QC check for ``femurseg predict`` (:mod:`femurseg.inference.qc`): ``[]`` when
+    :func:`fit_femur` finds a femoral head in the (non-empty) mask, else one ``"fail: ..."`` reason."""
+    if not np.any(mask):
+        return []  # the empty mask is reported by the QC itself
+    try:
+        fit_femur(np.asarray(mask) > 0, tuple(float(s) for s in spacing))
+    except FemursegError as exc:
+        return [f"fail: {exc}"]
+    return []

@@ -448,13 +448,14 @@ class QCFailed(FemursegError):
 
 def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *, threshold: str | float | None = None,
                  postprocess: str = DEFAULT_POSTPROCESS, min_size_mm3: float = 0.0, tta: str = "none",
-                 notify: Notify = _stderr_notice, qc: str = "on") -> CaseResult:
+                 notify: Notify = _stderr_notice, qc: str = "on", qc_checks: Sequence[Any] = ()) -> CaseResult:
     """Segment one scan and write its outputs (see the module docstring for the steps).
 
     ``qc`` (:data:`femurseg.inference.qc.QC_MODES`): "on" checks the scan and its mask
     (:func:`femurseg.inference.qc.assess`), writes the record beside the mask (``<case>_qc.json``)
     and reports anything not ``ok`` through ``notify``; "strict" also refuses to write the outputs of
-    a ``fail`` scan (:class:`QCFailed`); "off" skips the checks.
+    a ``fail`` scan (:class:`QCFailed`); "off" skips the checks. ``qc_checks``: further mask checks
+    (:data:`femurseg.inference.qc.MaskCheck`).
 
     Raises:
         FemursegError: unreadable / non-3D input, a DICOM SEG asked for a non-DICOM input, outputs that
@@ -478,7 +479,8 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
     if qc != "off":
         fold_masks = [segment(p, vol.spacing, threshold=thr, postprocess=postprocess, min_size_mm3=min_size_mm3,
                               notify=lambda m: None)[0] for p in folds] if len(folds) > 1 else []
-        record = assess(vol.data, vol.spacing, mask, prob=fg_prob, fold_masks=fold_masks, reference=pred.qc_reference)
+        record = assess(vol.data, vol.spacing, mask, prob=fg_prob, fold_masks=fold_masks, reference=pred.qc_reference,
+                        checks=qc_checks)
         record["input"] = str(src)
         if record["verdict"] != "ok":
             notify(f"QC {record['verdict']}: {src.name}: {'; '.join(r.split(': ', 1)[1] for r in record['reasons'])}")
@@ -706,7 +708,8 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
                  prob_dir: str | os.PathLike | None = None, dicom_seg: bool = False, preview: bool = False,
                  threshold: str | float | None = None, postprocess: str = DEFAULT_POSTPROCESS,
                  min_size_mm3: float = 0.0, tta: str = "none", progress: bool = True,
-                 notify: Notify = _stderr_notice, resume: bool = False, qc: str = "on") -> BatchResult:
+                 notify: Notify = _stderr_notice, resume: bool = False, qc: str = "on",
+                 qc_checks: Sequence[Any] = ()) -> BatchResult:
     """Segment several scans into ``out_dir/<case>.nii.gz`` (plus ``<case>.nii.gz`` probability maps
     in ``prob_dir``, ``<case>.dcm`` SEGs for DICOM inputs, ``<case>_preview.png``).
 
@@ -726,7 +729,7 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
             skipped.append(scan)
             continue
         res, err = predict_case(pred, scan, outs, threshold=threshold, postprocess=postprocess,
-                                min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc)
+                                min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc, qc_checks=qc_checks)
         if res is not None:
             results.append(res)
             continue
@@ -773,7 +776,8 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                     preview: bool = False, device: str = "auto", progress: bool = True,
                     echo: Callable[[str], None] = print, notify: Notify = _stderr_notice,
                     backend: Any = None, resume: bool = False,
-                    load: Callable[..., Predictor] | None = None, qc: str = "on") -> int:
+                    load: Callable[..., Predictor] | None = None, qc: str = "on",
+                    qc_checks: Sequence[Any] = ()) -> int:
     """``femurseg predict``: check everything cheap first, load the run once, segment; returns the exit status
     (0, or :data:`EXIT_SOME_FAILED` when a batch finished with failures). Raises FemursegError otherwise.
 
@@ -781,7 +785,7 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     :class:`femurseg.scale.distributed.RayBackend` (batch mode: scans stream through Ray actors
     holding the models). ``resume``: skip scans whose outputs are complete. ``load``: the run
     loader (default :func:`load_predictor`; :func:`femurseg.ct.predict.load_any_predictor` also
-    loads CT cascade runs)."""
+    loads CT cascade runs). ``qc``, ``qc_checks``: see :func:`predict_file`."""
     from femurseg.core.backend import local_or_backend
 
     check_options(threshold=threshold, postprocess=postprocess, tta=tta, tiles=tiles, engine=engine,
@@ -790,7 +794,8 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     scans, batch = expand_inputs(list(inputs))
     if qc not in QC_MODES:
         raise FemursegError(f"--qc: expected one of {', '.join(QC_MODES)}, got {qc!r}")
-    common = dict(threshold=threshold, postprocess=postprocess, min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc)
+    common = dict(threshold=threshold, postprocess=postprocess, min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc,
+                  qc_checks=tuple(qc_checks))
     if batch:
         if dicom_seg_out is not None:
             raise FemursegError(f"{dicom_seg_out}: --dicom-seg-out names one file; in batch mode use --dicom-seg "

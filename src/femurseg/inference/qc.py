@@ -20,7 +20,9 @@ The rule (each line one reason; the verdict is the worst):
       training scan had more than 5 % (an MR given to a CT model);
     * empty mask;
     * femur volume under half the smallest or over twice the largest training label volume;
-    * fold models disagree: mean pairwise Dice of the fold masks under 0.5.
+    * fold models disagree: mean pairwise Dice of the fold masks under 0.5;
+    * no femoral head: :func:`femurseg.ct.regions.femoral_head_check`, which ``femurseg predict``
+      passes in (``checks``), finds no head sphere on the mask.
 
 ``warn``
     * femur volume outside [0.8 x smallest, 1.25 x largest] training volume;
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +151,14 @@ def mean_entropy(prob: np.ndarray, mask: np.ndarray) -> float | None:
     return float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
 
 
+MaskCheck = Callable[[np.ndarray, tuple[float, float, float]], list[str]]
+"""``(mask, spacing_mm) -> reasons`` ("fail: ..." / "warn: ..."): a check that needs more than this
+module knows, passed in by the caller, e.g. :func:`femurseg.ct.regions.femoral_head_check`."""
+
+
 def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, prob: np.ndarray | None = None,
-           fold_masks: Sequence[np.ndarray] = (), reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           fold_masks: Sequence[np.ndarray] = (), reference: Mapping[str, Any] | None = None,
+           checks: Sequence[MaskCheck] = ()) -> dict[str, Any]:
     """The QC record of one scan: ``verdict``, ``reasons`` (``"fail: ..."`` / ``"warn: ..."``) and
     the measured values (``image``, ``mask``, ``fold_agreement``, ``entropy_bits``).
 
@@ -160,6 +168,7 @@ def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, pro
         prob: the ensemble's femur probability (for the entropy), optional.
         fold_masks: each fold model's mask at the same threshold (for the agreement), optional.
         reference: the run's ``qc_reference.json`` (None: reference-free checks only).
+        checks: further mask checks (:data:`MaskCheck`), run on a non-empty mask.
     """
     img, msk = image_features(image, spacing), mask_features(mask, spacing)
     agree = fold_agreement(fold_masks)
@@ -205,6 +214,8 @@ def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, pro
                 reasons.append(f"warn: femur volume {vol:.1f} cm^3 outside the training range {vr[0]:.1f}-{vr[1]:.1f} cm^3")
         if msk["components"] > 1:
             reasons.append(f"warn: {int(msk['components'])} large components (the femur should be one)")
+        for check in checks:
+            reasons.extend(check(mask, tuple(float(s) for s in spacing)))
     if agree is not None:
         if agree < 0.5:
             reasons.append(f"fail: the fold models disagree (mean pairwise Dice {agree:.2f})")
