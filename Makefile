@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 
-.PHONY: demo test test-slow test-avx2 smoke-avx2 browser bench venv clean
+.PHONY: demo test test-slow test-avx2 smoke-avx2 browser bench bench-nnunet venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,18 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# femurseg against nnU-Net v2 (benchmarks/bench_nnunet.py) in its own environment: nnunetv2 pulls a
+# torchvision that wants a newer torch, so it never shares .venv. ARGS=--quick for the short run.
+NNVENV ?= .venv-nnunet
+$(NNVENV)/.installed: pyproject.toml
+	$(PY) -m venv $(NNVENV)
+	$(NNVENV)/bin/pip install -qq torch==2.13.0
+	$(NNVENV)/bin/pip install -qq -e '.[nnunet]'
+	touch $@
+
+bench-nnunet: $(NNVENV)/.installed
+	$(NNVENV)/bin/python benchmarks/bench_nnunet.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,312 @@
+"""femurseg against nnU-Net v2 on the same cases, the same folds, the same training budget and the same metrics.
+
+    python benchmarks/bench_nnunet.py [--quick] [--cases 16] [--budgets 1,4] [--work DIR] [--out benchmarks/results/]
+
+Needs nnU-Net v2 in the Python that runs it (``pip install -e '.[nnunet]'``, nnunetv2 2.8.x; never a
+dependency of femurseg itself). ``make bench-nnunet`` makes a separate environment for it
+(``.venv-nnunet``: torch 2.13.0 CPU, nnunetv2, femurseg). Steps (MR task):
+
+1. **Data**: ``femurseg synth`` (``--cases`` MR phantoms, seed 0); a femurseg dataset already has
+   the nnU-Net v2 raw layout, so ``nnUNet_raw/Dataset901_femursegMR`` links its images and labels
+   (:func:`nnunet_dataset_json` keeps nnU-Net's keys of ``dataset.json``).
+2. **femurseg**: ``femurseg cv`` with the default preset (4 folds); its per-fold training seconds are
+   the budget unit; its out-of-fold masks (``oof_masks/``, PR threshold, no post-processing) are
+   femurseg's predictions.
+3. **Same folds**: ``splits_final.json`` written from femurseg's ``split.json``
+   (:func:`nnunet_splits`), after ``nnUNetv2_plan_and_preprocess -c 3d_fullres``.
+4. **nnU-Net**: ``nnUNetv2_train 901 3d_fullres FOLD -tr nnUNetTrainer_femursegBudget -device cpu``
+   per fold and budget. The trainer (:data:`TRAINER`, written into nnU-Net's trainer variants
+   folder, where nnU-Net looks for custom trainers) is nnU-Net's default trainer with short
+   epochs (25 iterations) whose number is fitted to the budget after the first one (the polyLR
+   schedule runs to its end within the budget) and training stops when ``budget x`` femurseg's
+   wall seconds per fold have passed. nnU-Net's own validation then predicts the fold's held-out
+   cases (sliding window with mirroring, its default) on their original grid.
+5. **Same metrics**: both prediction sets go through ``femurseg.evaluation.evaluate`` against the
+   same labels (DSC, precision, recall, ASD, MSD, HD95, volumes), paired Wilcoxon signed-rank tests
+   on per-case DSC and ASD (``femurseg.evaluation.stats.wilcoxon_holm``).
+
+Writes ``nnunet_mr_cases.csv`` (per case, method and budget) and ``nnunet_mr_summary.csv`` (mean ±
+SD, wall and CPU seconds of training per fold, inference seconds per scan, p-values). ``--quick``:
+8 phantoms, 2 folds, budget 1x only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+DATASET_ID = 901
+DATASET_NAME = f"Dataset{DATASET_ID}_femursegMR"
+TRAINER_NAME = "nnUNetTrainer_femursegBudget"
+
+TRAINER = '''"""nnU-Net's default trainer under a wall-clock budget (written by femurseg's benchmarks/bench_nnunet.py)."""
+import os
+import time
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_femursegBudget(nnUNetTrainer):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.budget_s = float(os.environ["FEMURSEG_NNUNET_BUDGET_S"])
+        self.num_iterations_per_epoch = int(os.environ.get("FEMURSEG_NNUNET_ITERS", "25"))
+        self.num_val_iterations_per_epoch = max(1, self.num_iterations_per_epoch // 5)
+        self.num_epochs = 1000
+
+    def run_training(self):
+        self.on_train_start()
+        t0 = time.perf_counter()
+        while self.current_epoch < self.num_epochs:
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            outs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+            self.on_train_epoch_end(outs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
+                self.on_validation_epoch_end(val)
+            self.on_epoch_end()
+            elapsed = time.perf_counter() - t0
+            if self.current_epoch == 1:  # fit the polyLR schedule to the epochs the budget allows
+                n = max(1, int(self.budget_s / max(elapsed, 1e-6)))
+                self.num_epochs = n
+                self.lr_scheduler.max_steps = n
+            if elapsed >= self.budget_s:
+                break
+        self.print_to_log_file(f"femurseg budget: stopped after {self.current_epoch} epochs, "
+                               f"{time.perf_counter() - t0:.1f} s of {self.budget_s:.1f} s")
+        self.on_train_end()
+'''
+
+
+# ----------------------------------------------------------------------------- the bridge (no nnU-Net needed)
+
+
+def nnunet_splits(split: Mapping[str, Any], cases: Sequence[str]) -> list[dict[str, list[str]]]:
+    """nnU-Net's ``splits_final.json`` from femurseg's ``split.json``: per fold the held-out cases
+    (``val``) and all others (``train``), case identifiers as in the dataset."""
+    folds = [list(f) for f in split["folds"]]
+    known = set(cases)
+    unknown = sorted({c for f in folds for c in f} - known)
+    if unknown:
+        raise ValueError(f"split.json names cases not in the dataset: {unknown[:5]}")
+    return [{"train": sorted(c for c in cases if c not in set(f)), "val": sorted(f)} for f in folds]
+
+
+def nnunet_dataset_json(femurseg_json: Mapping[str, Any], num_training: int) -> dict[str, Any]:
+    """nnU-Net v2's ``dataset.json`` from a femurseg one (femurseg keeps nnU-Net's keys and adds its own)."""
+    return {"channel_names": dict(femurseg_json["channel_names"]), "labels": dict(femurseg_json["labels"]),
+            "numTraining": int(num_training), "file_ending": femurseg_json.get("file_ending", ".nii.gz"),
+            "name": femurseg_json.get("name", DATASET_NAME)}
+
+
+def link_raw_dataset(dataset: Path, raw_root: Path) -> Path:
+    """``raw_root/Dataset901_femursegMR`` with links to the femurseg dataset's images and labels."""
+    out = raw_root / DATASET_NAME
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir()
+    for sub in ("imagesTr", "labelsTr"):
+        for f in sorted((dataset / sub).iterdir()):
+            (out / sub / f.name).symlink_to(f.resolve())
+    meta = json.loads((dataset / "dataset.json").read_text())
+    n = len(list((out / "labelsTr").iterdir()))
+    (out / "dataset.json").write_text(json.dumps(nnunet_dataset_json(meta, n), indent=1))
+    return out
+
+
+def collect_validation(results_fold_dirs: Sequence[Path], dest: Path) -> list[str]:
+    """Copy nnU-Net's per-fold ``validation/<case>.nii.gz`` into one folder; returns the cases."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for d in results_fold_dirs:
+        for f in sorted((d / "validation").glob("*.nii.gz")):
+            shutil.copy2(f, dest / f.name)
+            cases.append(f.name[: -len(".nii.gz")])
+    return sorted(cases)
+
+
+def compare_rows(rows_a: Sequence[Mapping[str, Any]], rows_b: Sequence[Mapping[str, Any]],
+                 names: tuple[str, str], metrics: Sequence[str] = ("dsc", "asd_mm")) -> list[dict[str, Any]]:
+    """Paired Wilcoxon signed-rank tests (Holm over ``metrics``) of two methods' per-case rows."""
+    from femurseg.evaluation.stats import wilcoxon_holm
+
+    by_a = {r["case"]: r for r in rows_a}
+    by_b = {r["case"]: r for r in rows_b}
+    common = sorted(set(by_a) & set(by_b))
+    out = []
+    for m in metrics:
+        res = wilcoxon_holm({names[0]: [float(by_a[c][m]) for c in common],
+                             names[1]: [float(by_b[c][m]) for c in common]})[0]
+        out.append({"metric": m, "n": res["n"], "statistic": res["statistic"], "p": res["p"]})
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _run(cmd: Sequence[str], env: Mapping[str, str], log: Path) -> dict[str, float]:
+    """Run a command, its output appended to ``log``; wall and CPU seconds (the command and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        r = subprocess.run(list(cmd), env=dict(env), stdout=fh, stderr=subprocess.STDOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}); see {log}")
+    return {"wall_s": time.perf_counter() - t0,
+            "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+
+
+def _install_trainer() -> Path:
+    import nnunetv2
+
+    path = Path(nnunetv2.__file__).parent / "training" / "nnUNetTrainer" / "variants" / "femurseg_budget.py"
+    path.write_text(TRAINER)
+    return path
+
+
+def _budget_line(fold_dir: Path) -> tuple[int, float]:
+    """(epochs, training seconds) from the budget trainer's line in nnU-Net's training log."""
+    import re
+
+    for log in sorted(fold_dir.glob("training_log_*.txt"), reverse=True):
+        m = re.search(r"femurseg budget: stopped after (\d+) epochs, ([\d.]+) s", log.read_text())
+        if m:
+            return int(m.group(1)), float(m.group(2))
+    raise RuntimeError(f"{fold_dir}: no budget line in the training log")
+
+
+def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    import numpy as np
+
+    out: dict[str, float] = {}
+    for k in ("dsc", "precision", "recall", "asd_mm", "msd_mm", "hd95_mm"):
+        v = np.array([float(r[k]) for r in rows], float)
+        out[f"{k}_mean"], out[f"{k}_sd"] = float(np.mean(v)), float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    rel = np.array([abs(float(r["vol_pred_cm3"]) - float(r["vol_ref_cm3"])) / float(r["vol_ref_cm3"]) * 100
+                    for r in rows])
+    out["vol_rel_err_pct_mean"] = float(np.mean(rel))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="8 phantoms, 2 folds, budget 1x")
+    ap.add_argument("--cases", type=int, default=16)
+    ap.add_argument("--folds", type=int, default=4)
+    ap.add_argument("--budgets", default="1,4", help="nnU-Net's training wall time per fold, in multiples of femurseg's")
+    ap.add_argument("--work", type=Path, default=HERE / "results" / "nnunet_work")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.cases, a.folds, a.budgets = 8, 2, "1"
+    budgets = [float(b) for b in a.budgets.split(",")]
+    try:
+        import nnunetv2  # noqa: F401
+    except ImportError:
+        print("bench_nnunet: nnunetv2 is not installed here (pip install -e '.[nnunet]', or make bench-nnunet)")
+        return 2
+    import common
+
+    from femurseg.evaluation.evaluate import evaluate_folders
+
+    work = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "nnUNet_raw": str(work / "nnUNet_raw"), "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
+           "nnUNet_results": str(work / "nnUNet_results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false"}
+    data = work / "data"
+    if not (data / "dataset.json").exists():
+        _run([str(bin_dir / "femurseg"), "synth", str(data), "--n", str(a.cases), "--seed", "0"], env, log)
+    cases = sorted(f.name[: -len(".nii.gz")] for f in (data / "labelsTr").glob("*.nii.gz"))
+    # femurseg
+    frun = work / "femurseg_run"
+    if not (frun / "summary.json").exists():
+        t_f = _run([str(bin_dir / "femurseg"), "cv", str(data), "--out", str(frun), "--folds", str(a.folds),
+                    "--overwrite"], env, log)
+        (work / "femurseg_cost.json").write_text(json.dumps(t_f))
+    t_f = json.loads((work / "femurseg_cost.json").read_text())
+    fsum = json.loads((frun / "summary.json").read_text())
+    per_fold_s = float(fsum["timings"]["train_s_per_fold"])
+    common.say(f"femurseg: {per_fold_s:.1f} s training per fold; cv {t_f['wall_s']:.0f} s wall, {t_f['cpu_s']:.0f} CPU-s")
+    # nnU-Net: raw data, plans, our folds
+    link_raw_dataset(data, work / "nnUNet_raw")
+    pre = work / "nnUNet_preprocessed" / DATASET_NAME
+    if not (pre / "nnUNetPlans.json").exists():
+        _run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"],
+             env, log)
+    split = json.loads((frun / "split.json").read_text())
+    (pre / "splits_final.json").write_text(json.dumps(nnunet_splits(split, cases), indent=1))
+    _install_trainer()
+    f_rows = evaluate_folders(frun / "oof_masks", data, progress=False)
+    all_rows: list[dict[str, Any]] = [{"method": "femurseg", "budget": 1.0, **r} for r in f_rows]
+    summary = [{"method": "femurseg default", "budget": "1x", **_summary(f_rows), "train_wall_s_per_fold": per_fold_s,
+                "train_and_validate_cpu_s_per_fold": t_f["cpu_s"] / a.folds,
+                "inference_s_per_scan": fsum["timings"].get("inference_s_per_case")}]
+    for b in budgets:
+        res_root = work / f"nnUNet_results_{b:g}x"
+        env_b = {**env, "nnUNet_results": str(res_root), "FEMURSEG_NNUNET_BUDGET_S": str(b * per_fold_s)}
+        costs = []
+        for k in range(a.folds):
+            fold_dir = res_root / DATASET_NAME / f"{TRAINER_NAME}__nnUNetPlans__3d_fullres" / f"fold_{k}"
+            if (fold_dir / "validation" / "summary.json").exists():
+                costs.append(json.loads((fold_dir / "femurseg_cost.json").read_text()))
+                continue
+            c = _run([str(bin_dir / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(k), "-tr", TRAINER_NAME,
+                      "-device", "cpu"], env_b, log)
+            (fold_dir / "femurseg_cost.json").write_text(json.dumps(c))
+            costs.append(c)
+        folds_dirs = [res_root / DATASET_NAME / f"{TRAINER_NAME}__nnUNetPlans__3d_fullres" / f"fold_{k}"
+                      for k in range(a.folds)]
+        trained = [_budget_line(d) for d in folds_dirs]
+        # inference time: nnUNetv2_predict (its defaults: sliding window, mirroring) on fold 0's held-out scans
+        inp, outp = work / f"predict_in_{b:g}x", work / f"predict_out_{b:g}x"
+        shutil.rmtree(inp, ignore_errors=True)
+        shutil.rmtree(outp, ignore_errors=True)
+        inp.mkdir()
+        for c in split["folds"][0]:
+            (inp / f"{c}_0000.nii.gz").symlink_to((data / "imagesTr" / f"{c}_0000.nii.gz").resolve())
+        t_pred = _run([str(bin_dir / "nnUNetv2_predict"), "-i", str(inp), "-o", str(outp), "-d", str(DATASET_ID),
+                       "-c", "3d_fullres", "-f", "0", "-tr", TRAINER_NAME, "-device", "cpu"], env_b, log)
+        pred = work / f"nnunet_oof_{b:g}x"
+        collect_validation(folds_dirs, pred)
+        n_rows = evaluate_folders(pred, data, progress=False)
+        all_rows += [{"method": "nnU-Net 3d_fullres", "budget": b, **r} for r in n_rows]
+        tests = {t["metric"]: t["p"] for t in compare_rows(f_rows, n_rows, ("femurseg", "nnunet"))}
+        summary.append({"method": "nnU-Net 3d_fullres", "budget": f"{b:g}x", **_summary(n_rows),
+                        "train_wall_s_per_fold": float(sum(s for _, s in trained)) / a.folds,
+                        "epochs_per_fold": float(sum(e for e, _ in trained)) / a.folds,
+                        "train_and_validate_cpu_s_per_fold": float(sum(c["cpu_s"] for c in costs)) / a.folds,
+                        "inference_s_per_scan": t_pred["wall_s"] / len(split["folds"][0]),
+                        "wilcoxon_p_dsc": tests["dsc"], "wilcoxon_p_asd": tests["asd_mm"]})
+        common.say(f"nnU-Net {b:g}x: DSC {summary[-1]['dsc_mean']:.3f} (femurseg {summary[0]['dsc_mean']:.3f}), "
+                   f"p = {tests['dsc']:.3g}")
+    machine = common.machine_info()
+    for r in summary:
+        r.update({"date": machine["date"], "cpu": machine["cpu"], "cores": machine["cores"]})
+    common.write_csv(all_rows, a.out / "nnunet_mr_cases.csv")
+    common.say(f"wrote {common.write_csv(summary, a.out / 'nnunet_mr_summary.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
