@@ -15,11 +15,11 @@ dependency of femurseg itself). ``make bench-nnunet`` makes a separate environme
 3. **Same folds**: ``splits_final.json`` written from femurseg's ``split.json``
    (:func:`nnunet_splits`), after ``nnUNetv2_plan_and_preprocess -c 3d_fullres``.
 4. **nnU-Net**: ``nnUNetv2_train 901 3d_fullres FOLD -tr nnUNetTrainer_femursegBudget -device cpu``
-   per fold and budget. The trainer (:data:`TRAINER`, written into nnU-Net's trainer variants
-   folder, where nnU-Net looks for custom trainers) is nnU-Net's default trainer with short
+   per fold and budget. The trainer (:data:`TRAINER`, written into nnU-Net's trainer package,
+   where nnU-Net looks for custom trainers) is nnU-Net's default trainer with short
    epochs (25 iterations) whose number is fitted to the budget after the first one (the polyLR
-   schedule runs to its end within the budget) and training stops when ``budget x`` femurseg's
-   wall seconds per fold have passed. nnU-Net's own validation then predicts the fold's held-out
+   schedule runs to its end within the budget) and training stops, inside an epoch if need be,
+   when ``budget x`` femurseg's wall seconds per fold have passed. nnU-Net's own validation then predicts the fold's held-out
    cases (sliding window with mirroring, its default) on their original grid.
 5. **Same metrics**: both prediction sets go through ``femurseg.evaluation.evaluate`` against the
    same labels (DSC, precision, recall, ASD, MSD, HD95, volumes), paired Wilcoxon signed-rank tests
@@ -71,10 +71,16 @@ class nnUNetTrainer_femursegBudget(nnUNetTrainer):
     def run_training(self):
         self.on_train_start()
         t0 = time.perf_counter()
+        self.iterations = 0
         while self.current_epoch < self.num_epochs:
             self.on_epoch_start()
             self.on_train_epoch_start()
-            outs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+            outs = []
+            for _ in range(self.num_iterations_per_epoch):  # the budget may end inside an epoch
+                outs.append(self.train_step(next(self.dataloader_train)))
+                self.iterations += 1
+                if time.perf_counter() - t0 >= self.budget_s:
+                    break
             self.on_train_epoch_end(outs)
             with torch.no_grad():
                 self.on_validation_epoch_start()
@@ -89,7 +95,8 @@ class nnUNetTrainer_femursegBudget(nnUNetTrainer):
             if elapsed >= self.budget_s:
                 break
         self.print_to_log_file(f"femurseg budget: stopped after {self.current_epoch} epochs, "
-                               f"{time.perf_counter() - t0:.1f} s of {self.budget_s:.1f} s")
+                               f"{time.perf_counter() - t0:.1f} s of {self.budget_s:.1f} s, "
+                               f"{self.iterations} iterations")
         self.on_train_end()
 '''
 
@@ -178,7 +185,9 @@ def _run(cmd: Sequence[str], env: Mapping[str, str], log: Path) -> dict[str, flo
 def _install_trainer() -> Path:
     import nnunetv2
 
-    path = Path(nnunetv2.__file__).parent / "training" / "nnUNetTrainer" / "variants" / "femurseg_budget.py"
+    # top level of the trainer package: nnU-Net looks at modules there before it walks the subpackages,
+    # some of which import timm -> torchvision (which fails to load beside a torch of another build)
+    path = Path(nnunetv2.__file__).parent / "training" / "nnUNetTrainer" / "femurseg_budget.py"
     path.write_text(TRAINER)
     return path
 
