@@ -105,13 +105,10 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             if not d or not p:
                 continue
             name = "AVX2 only" if cls == "AVX2" else ("AVX-512, no BF16" if cls == "AVX512_CORE" else "native")
+            peer = f"{float(m['seconds_median']):.3f} | {float(d['monai_over_engine']):.2f}" if m else "- | -"
             lines.append(f"| {name} | {d['native_bf16']} | {bench} | {d['engine']} ({d['arithmetic']}) "
                          f"| {float(d['seconds_median']):.3f} | {float(p['seconds_median']):.3f} "
-                         f"| {float(d['plain_fp32_over_engine']):.2f} | {float(m['seconds_median']):.3f} "
-                         f"| {float(d['monai_over_engine']):.2f} |" if m else
-                         f"| {name} | {d['native_bf16']} | {bench} | {d['engine']} ({d['arithmetic']}) "
-                         f"| {float(d['seconds_median']):.3f} | {float(p['seconds_median']):.3f} "
-                         f"| {float(d['plain_fp32_over_engine']):.2f} | - | - |")
+                         f"| {float(d['plain_fp32_over_engine']):.2f} | {peer} |")
     return lines
 
 

@@ -247,28 +247,40 @@ def predict_probability(pred: Predictor, vol: io.Volume, tta: str = "none") -> n
 
     For networks with more than two classes, returns ``(C, *vol.data.shape)`` class probabilities.
     """
-    from femurseg.data.preprocess import preprocess_image, restore
-
     if tta not in TTA_MODES:
         raise FemursegError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
     if pred.probability_fn is not None:
         return pred.probability_fn(pred, vol, tta)
-    image, info = preprocess_image(vol.data, vol.spacing, pred.prep)
-    prob = _predict_preprocessed(pred, image)
-    if tta == "flip":  # left-right mirror (canonical axis 2 = patient right -> left)
-        flipped = _predict_preprocessed(pred, np.ascontiguousarray(image[..., ::-1]))
-        prob = 0.5 * (prob + flipped[..., ::-1])
-    return restore(np.ascontiguousarray(prob, dtype=np.float32), info, order=1)
+    return _restored_probabilities(pred, vol, tta, [pred.models])[0]
 
 
 def fold_probabilities(pred: Predictor, vol: io.Volume, tta: str = "none") -> list[np.ndarray]:
     """Each fold model's probability on ``vol``'s grid (as :func:`predict_probability` with that model
-    alone); their mean is the ensemble's probability (the softmax is averaged over the models and
-    restored linearly). A predictor with its own ``probability_fn`` gives one map, the ensemble's."""
+    alone, the scan preprocessed once); their mean is the ensemble's probability (the softmax is
+    averaged over the models and restored linearly). A predictor with its own ``probability_fn``
+    gives one map, the ensemble's."""
     if pred.probability_fn is not None or len(pred.models) < 2:
         return [predict_probability(pred, vol, tta)]
-    return [predict_probability(dataclasses.replace(pred, models=[m], folds=[k]), vol, tta)
-            for m, k in zip(pred.models, pred.folds)]
+    if tta not in TTA_MODES:
+        raise FemursegError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return _restored_probabilities(pred, vol, tta, [[m] for m in pred.models])
+
+
+def _restored_probabilities(pred: Predictor, vol: io.Volume, tta: str, groups: Sequence[Sequence[nn.Module]]
+                            ) -> list[np.ndarray]:
+    """Preprocess ``vol`` once; per group of models their averaged probability, restored to ``vol``'s grid."""
+    from femurseg.data.preprocess import preprocess_image, restore
+
+    image, info = preprocess_image(vol.data, vol.spacing, pred.prep)
+    out = []
+    for models in groups:
+        p = dataclasses.replace(pred, models=list(models))
+        prob = _predict_preprocessed(p, image)
+        if tta == "flip":  # left-right mirror (canonical axis 2 = patient right -> left)
+            flipped = _predict_preprocessed(p, np.ascontiguousarray(image[..., ::-1]))
+            prob = 0.5 * (prob + flipped[..., ::-1])
+        out.append(restore(np.ascontiguousarray(prob, dtype=np.float32), info, order=1))
+    return out
 
 
 def _predict_preprocessed(pred: Predictor, image: np.ndarray) -> np.ndarray:
