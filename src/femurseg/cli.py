@@ -43,6 +43,8 @@ def synth(
     spacing: Optional[str] = typer.Option(None, help="Voxel size X,Y,Z in mm (default: keep the modality's field of view, 120 mm in-plane for MR)."),
     artefact_fraction: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction of cases with fold-over or bone-cyst artefacts (MR)."),
     preview: bool = typer.Option(False, "--preview", help="Also write preview.png: coronal slices of the first cases with the label outline."),
+    variation: Optional[str] = typer.Option(None, help="Phantom world: wide (MR default) or narrow (CT default; the original MR world)."),
+    shift: Optional[str] = typer.Option(None, help="Factor groups moved beyond the world's ranges, comma-separated (placement, head, neck, pose, contrast, cortex, texture, noise_bias, slice) or all."),
 ) -> None:
     """Generate a synthetic hip phantom dataset (the embedded default data)."""
     from femurseg.data import synth as synth_mod
@@ -57,7 +59,8 @@ def synth(
         if len(spc) != 3 or min(spc) <= 0:
             raise FemursegError(f"--spacing: expected three positive numbers in mm, got {spacing!r}")
     ds = synth_mod.synthesize(out, n=n, modality=modality, seed=seed, shape=shape, spacing=spc,
-                              artefact_fraction=artefact_fraction, preview=preview)
+                              artefact_fraction=artefact_fraction, preview=preview, variation=variation,
+                              shift=None if shift is None else ("all" if shift == "all" else shift.split(",")))
     typer.echo(f"wrote {len(ds.cases)} {modality.upper()} cases to {out}")
     if preview:
         typer.echo(f"preview: {Path(out) / 'preview.png'}")

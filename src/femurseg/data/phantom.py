@@ -110,6 +110,137 @@ _F32 = np.float32
 _BIG = np.float32(1e4)
 
 
+# ----------------------------------------------------------------------------- variation
+
+# Per-case parameter ranges (uniform draws, lo..hi). ``narrow`` is the generator's original world
+# (kept bit for bit: the CT study and older numbers were measured on it); ``wide`` widens every
+# factor in which real hip scans vary more than those phantoms did; ``SHIFTS`` hold ranges beyond
+# the narrow world, one factor group at a time, for the cross-domain benchmark. Units: mm, degrees,
+# MR intensity as a fraction of fat, SNR as a plain ratio, scale factors as plain ratios.
+_NARROW: dict[str, tuple[float, float]] = {
+    # anatomy
+    "head_radius": (20.0, 25.0),
+    "head_aspect": (1.0, 1.0),  # head extent along the neck axis / across it (1 = sphere)
+    "neck_shaft_angle": (120.0, 140.0),
+    "anteversion": (5.0, 25.0),
+    "neck_length": (44.0, 56.0),
+    "cortex_scale": (1.0, 1.0),  # factor on all cortical thicknesses
+    "trabecular_scale": (1.0, 1.0),  # factor on the trabecular texture's length scale
+    # pose and placement in the field of view
+    "shaft_adduction": (3.0, 9.0),
+    "shaft_tilt_ap": (-4.0, 4.0),
+    "femur_roll": (0.0, 0.0),  # extra rotation of the whole femur about its head centre, per axis
+    "head_offset_si": (14.0, 24.0),  # head centre above the field-of-view centre
+    "head_offset_ml": (20.0, 28.0),  # head centre medial of the field-of-view centre (unilateral)
+    "ap_offset": (-3.0, 3.0),  # femur's AP centre off the slab centre
+    # MR contrast (fraction of the fat signal) and acquisition
+    "gain": (700.0, 1400.0),
+    "muscle": (0.28, 0.40),
+    "marrow_femur": (0.90, 1.02),
+    "trab_dark": (0.75, 0.92),
+    "cortex": (0.03, 0.08),
+    "red_marrow": (0.0, 0.35),
+    "snr": (12.0, 35.0),
+    "bias_surface": (0.3, 0.9),
+    "bias_poly": (-0.25, 0.25),
+    "slice_profile": (0.08, 0.2),  # weight of each neighbouring slice in the slice profile
+}
+
+_WIDE: dict[str, tuple[float, float]] = {
+    **_NARROW,
+    "head_radius": (18.0, 28.0),
+    "head_aspect": (0.9, 1.1),
+    "neck_shaft_angle": (114.0, 146.0),
+    "anteversion": (-5.0, 35.0),
+    "neck_length": (38.0, 62.0),
+    "cortex_scale": (0.7, 1.4),
+    "trabecular_scale": (0.7, 1.5),
+    "shaft_adduction": (-2.0, 14.0),
+    "shaft_tilt_ap": (-10.0, 10.0),
+    "femur_roll": (-8.0, 8.0),
+    "head_offset_si": (2.0, 38.0),
+    "head_offset_ml": (8.0, 36.0),
+    "ap_offset": (-9.0, 9.0),
+    "gain": (300.0, 3000.0),
+    "muscle": (0.20, 0.50),
+    "marrow_femur": (0.75, 1.10),
+    "trab_dark": (0.60, 0.95),
+    "cortex": (0.02, 0.14),
+    "red_marrow": (0.0, 0.6),
+    "snr": (7.0, 50.0),
+    "bias_surface": (0.1, 1.4),
+    "bias_poly": (-0.45, 0.45),
+    "slice_profile": (0.05, 0.3),
+}
+
+# One factor group at a time beyond the narrow ranges (and reaching past the wide ones).
+SHIFTS: dict[str, dict[str, tuple[float, float]]] = {
+    "placement": {"head_offset_si": (30.0, 42.0), "head_offset_ml": (4.0, 12.0), "ap_offset": (7.0, 11.0)},
+    "head": {"head_radius": (26.0, 29.0), "head_aspect": (1.08, 1.14)},
+    "neck": {"neck_shaft_angle": (142.0, 150.0), "anteversion": (28.0, 38.0), "neck_length": (58.0, 64.0)},
+    "pose": {"femur_roll": (-10.0, 10.0), "shaft_adduction": (12.0, 16.0), "shaft_tilt_ap": (8.0, 12.0)},
+    "contrast": {"muscle": (0.45, 0.55), "marrow_femur": (0.70, 0.80), "trab_dark": (0.55, 0.65),
+                 "cortex": (0.12, 0.18), "red_marrow": (0.5, 0.7)},
+    "cortex": {"cortex_scale": (1.4, 1.7)},
+    "texture": {"trabecular_scale": (1.5, 1.9)},
+    "noise_bias": {"snr": (5.0, 8.0), "bias_surface": (1.2, 1.6), "bias_poly": (-0.5, 0.5)},
+    "slice": {"slice_profile": (0.28, 0.33)},
+}
+VARIATIONS: tuple[str, ...] = ("narrow", "wide")
+
+
+@dataclass(frozen=True)
+class Variation:
+    """The per-case parameter ranges of a phantom world (see ``_NARROW`` for the keys and units)."""
+
+    name: str
+    ranges: dict[str, tuple[float, float]]
+
+    def u(self, rng: np.random.Generator, key: str, size: int | None = None):
+        """One uniform draw (or ``size`` of them) from the range of ``key``: one stream draw each,
+        whatever the range, so two worlds with the same seed stay aligned draw for draw."""
+        lo, hi = self.ranges[key]
+        return rng.uniform(lo, hi, size=size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ranges": {k: list(v) for k, v in self.ranges.items()}}
+
+
+def variation(name: str | Variation = "wide", shift: str | Sequence[str] | None = None) -> Variation:
+    """The phantom world ``name`` (``"narrow"`` or ``"wide"``), optionally with factor groups of
+    ``SHIFTS`` (a name, ``"all"``, or several) moved beyond it."""
+    if isinstance(name, Variation):
+        base = name
+    elif name == "narrow":
+        base = Variation("narrow", dict(_NARROW))
+    elif name == "wide":
+        base = Variation("wide", dict(_WIDE))
+    else:
+        raise FemursegError(f"variation: expected one of {', '.join(VARIATIONS)}, got {name!r}")
+    if not shift:
+        return base
+    groups = list(SHIFTS) if shift == "all" else [shift] if isinstance(shift, str) else list(shift)
+    unknown = [s for s in groups if s not in SHIFTS]
+    if unknown:
+        raise FemursegError(f"shift: unknown factor group(s) {', '.join(unknown)} ({', '.join(SHIFTS)}, all)")
+    ranges = dict(base.ranges)
+    for s in groups:
+        ranges.update(SHIFTS[s])
+    return Variation(f"{base.name}+{'+'.join(groups)}", ranges)
+
+
+def _rotation(angles_deg) -> np.ndarray:
+    """Rotation matrix (canonical A, I, L axes) of successive rotations about A, I and L."""
+    out = np.eye(3)
+    for axis, a in enumerate(angles_deg):
+        c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out = r @ out
+    return out
+
+
 @dataclass
 class PhantomCase:
     """One synthetic case.
@@ -182,6 +313,7 @@ def generate_case(
     artefact_fraction: float = 0.2,
     bilateral: bool = False,
     supersample: int | None = None,
+    variation: str | Variation | None = None,
 ) -> PhantomCase:
     """Generate one synthetic hip case.
 
@@ -205,6 +337,9 @@ def generate_case(
         supersample: in-plane render factor for partial volume (None: 2 when the in-plane
             spacing is >= 0.4 mm and the render grid stays under 4.5 M voxels, else 1;
             CT adds a Gaussian point-spread blur in any case).
+        variation: the phantom world whose parameter ranges the case is drawn from
+            (:func:`variation`): ``"wide"`` (MR default), ``"narrow"`` (CT default, and the
+            generator's original MR world, reproduced bit for bit) or a :class:`Variation`.
 
     Returns:
         :class:`PhantomCase` (image float32, label uint8, spacing, meta).
@@ -228,8 +363,10 @@ def generate_case(
     if side is not None and side not in SIDES:
         raise FemursegError(f"side: expected 'right', 'left' or None, got {side!r}")
 
+    var = globals()["variation"](variation if variation is not None else ("wide" if modality == "mr" else "narrow"))
     ss_seq = np.random.SeedSequence(seed)
-    rng_anat, rng_tex, rng_choice, rng_art, rng_noise = (np.random.default_rng(s) for s in ss_seq.spawn(5))
+    # the sixth stream holds the draws the narrow world did not have, so it keeps its arrays
+    rng_anat, rng_tex, rng_choice, rng_art, rng_noise, rng_extra = (np.random.default_rng(s) for s in ss_seq.spawn(6))
     side_draw = int(rng_choice.integers(2))  # always drawn: the artefact draw does not depend on `side`
     if side is None:
         side = SIDES[side_draw]
@@ -243,9 +380,9 @@ def generate_case(
 
     centre = (np.array(shape, float) - 1.0) / 2.0 * np.array(spacing)
     sides = ("right", "left") if bilateral else (side,)
-    hips = _sample_hips(rng_anat, sides, centre, bilateral)
+    hips = _sample_hips(rng_anat, sides, centre, bilateral, var, rng_extra)
     body = _sample_body(rng_anat, hips, centre, bilateral)
-    tissue = _sample_tissue_values(rng_anat, modality)
+    tissue = _sample_tissue_values(rng_anat, modality, var)
     if modality == "mr":
         # trabeculae (0.1-0.3 mm) are far below a coarse voxel: partial volume lowers their contrast
         tissue["trab_dark"] *= float(np.clip((0.5 / min(spacing[1], spacing[2])) ** 0.5, 0.7, 1.0))
@@ -255,13 +392,13 @@ def generate_case(
     ext_axis, ext_n = (fold["axis"], fold["n_ext"]) if fold else (2, 0)
     ss = (1, supersample, supersample)
     grid = _Grid(shape, spacing, ss, ext_axis, ext_n)
-    fields = _noise_fields(rng_tex, grid, hips)
+    fields = _noise_fields(rng_tex, grid, hips, var.u(rng_extra, "trabecular_scale"))
     img_r, peri_r, endo_r = _render(grid, hips, body, tissue, fields, modality, cyst)
     img = _area_mean(img_r, ss)
     del img_r
 
     if modality == "mr":
-        img = _mr_acquisition(rng_noise, img, grid, body, tissue, fold, hips)
+        img = _mr_acquisition(rng_noise, img, grid, body, tissue, fold, hips, var)
     else:
         img = _ct_acquisition(rng_noise, img, tissue, spacing)
     img = _crop_ext(img, ext_axis, ext_n).astype(np.float32, copy=False)
@@ -295,6 +432,7 @@ def generate_case(
         "coordinates": "mm, canonical (A, I, L) axes, origin at the centre of voxel (0, 0, 0)",
         "artefacts": list(kinds),
         "supersample": supersample,
+        "variation": var.name,
         "label_volume_cm3": float(np.count_nonzero(label)) * voxel_cm3,
         "femurs": femurs,
         "intensity": {k: float(v) for k, v in tissue.items()},
@@ -321,6 +459,7 @@ def generate_cohort(
     artefact_fraction: float = 0.2,
     bilateral: bool = False,
     supersample: int | None = None,
+    variation: str | Variation | None = None,
 ) -> Iterator[PhantomCase]:
     """Yield ``n`` cases; case ``i`` depends only on ``(seed, i)`` (not on ``n``).
 
@@ -348,6 +487,7 @@ def generate_cohort(
             artefact_fraction=artefact_fraction,
             bilateral=bilateral,
             supersample=supersample,
+            variation=variation,
         )
         case.meta["cohort_index"] = i
         case.meta["cohort_seed"] = int(seed)
@@ -551,24 +691,29 @@ class _Hip:
     p: dict  # all other scalars / points
 
 
-def _sample_hips(rng: np.random.Generator, sides, centre, bilateral: bool) -> list[_Hip]:
+def _sample_hips(rng: np.random.Generator, sides, centre, bilateral: bool, var: Variation,
+                 rng_extra: np.random.Generator) -> list[_Hip]:
     base = None
     hips = []
     for side in sides:
         u = rng.uniform
         if base is None:
             base = {
-                "R": u(20.0, 25.0),
-                "nsa": u(120.0, 140.0),
-                "av": u(5.0, 25.0),
-                "L": u(44.0, 56.0),
+                "R": var.u(rng, "head_radius"),
+                "nsa": var.u(rng, "neck_shaft_angle"),
+                "av": var.u(rng, "anteversion"),
+                "L": var.u(rng, "neck_length"),
                 "neck_ratio": u(0.60, 0.68),
-                "tilt": u(3.0, 9.0),
-                "tilt_ap": u(-4.0, 4.0),
+                "tilt": var.u(rng, "shaft_adduction"),
+                "tilt_ap": var.u(rng, "shaft_tilt_ap"),
                 "r_sh_ratio": u(0.55, 0.63),
-                "head_off2": u(80.0, 92.0) if bilateral else u(20.0, 28.0),
-                "head_off1": u(14.0, 24.0),
-                "ap_jit": u(-3.0, 3.0),
+                "head_off2": u(80.0, 92.0) if bilateral else var.u(rng, "head_offset_ml"),
+                "head_off1": var.u(rng, "head_offset_si"),
+                "ap_jit": var.u(rng, "ap_offset"),
+                # drawn from the extra stream (always, so the stream does not depend on the world)
+                "aspect": var.u(rng_extra, "head_aspect"),
+                "roll": var.u(rng_extra, "femur_roll", size=3).tolist(),
+                "cortex_scale": var.u(rng_extra, "cortex_scale"),
             }
             q = dict(base)
         else:  # the other hip of the same subject: nearly symmetric
@@ -576,11 +721,13 @@ def _sample_hips(rng: np.random.Generator, sides, centre, bilateral: bool) -> li
             for k, s in (("R", 0.4), ("nsa", 2.0), ("av", 3.0), ("L", 1.5), ("tilt", 1.0), ("head_off2", 3.0),
                          ("head_off1", 2.0), ("ap_jit", 2.0)):
                 q[k] = base[k] + rng.normal(0.0, s)
-        hips.append(_build_hip(rng, side, q, centre, bilateral))
+        hips.append(_build_hip(rng, side, q, centre, bilateral, var))
     return hips
 
 
-def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: bool = False) -> _Hip:
+def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: bool = False,
+               var: Variation | None = None) -> _Hip:
+    var = var or variation("narrow")
     u = rng.uniform
     m = 1.0 if side == "right" else -1.0
     SUP, ANT, MED = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, m])
@@ -593,6 +740,10 @@ def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: 
     n = _unit(math.cos(th) * d_s + math.sin(th) * (math.cos(av) * e_m + math.sin(av) * e_a))
     e1n = _unit(d_s - (d_s @ n) * n)
     e2n = _unit(np.cross(n, e1n))
+    roll = [float(a) for a in q.get("roll", (0.0, 0.0, 0.0))]
+    if any(roll):  # the whole femur rotated about its head centre (pose in the scanner)
+        rot = _rotation(roll)
+        d_s, e_m, e_a, n, e1n, e2n = (rot @ v for v in (d_s, e_m, e_a, n, e1n, e2n))
     R = float(q["R"])
     L = float(q["L"])
     # unilateral: the head sits medially of the field-of-view centre (the femur fills it);
@@ -602,6 +753,7 @@ def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: 
     P = H - L * n
     r_n = R * q["neck_ratio"]
     r_sh = R * q["r_sh_ratio"]
+    ck = float(q.get("cortex_scale", 1.0))
     p: dict[str, Any] = {
         "r_n": r_n,
         "neck_ka": u(1.0, 1.08),  # neck cross-section: taller (superior-inferior) than deep
@@ -617,7 +769,8 @@ def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: 
         "gt_r": u(9.0, 12.0), "gt_ap": u(1.2, 1.5),
         "lt_down": u(24.0, 32.0), "lt_phi": u(25.0, 55.0), "lt_r": (u(9.0, 13.0), u(5.5, 7.5), u(6.0, 8.0)),
         "fovea_r": u(3.0, 4.5),
-        "t_head": u(0.5, 0.9), "t_meta": u(0.8, 1.3), "t_calcar": u(2.5, 4.0), "t_shaft": u(3.0, 5.0),
+        "t_head": u(0.5, 0.9) * ck, "t_meta": u(0.8, 1.3) * ck, "t_calcar": u(2.5, 4.0) * ck,
+        "t_shaft": u(3.0, 5.0) * ck,
         "gap": u(1.5, 3.0),  # joint space (cartilage + fluid) between head and acetabulum
         "acet_incl": u(40.0, 55.0), "acet_av": u(10.0, 22.0), "acet_cut": u(-0.08, 0.12),
         "acet_roof": u(14.0, 22.0), "acet_med": u(3.5, 6.0), "pel_cortex": u(0.9, 1.6),
@@ -629,7 +782,7 @@ def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: 
         "isch_r": (u(10.0, 13.0), u(11.0, 15.0)), "pubis_r": (u(8.0, 10.0), u(6.5, 8.5)),
         "physis_off": u(0.15, 0.40), "physis_tilt": u(-0.25, 0.25),
         "bv_scale": u(0.7, 1.2),  # trabecular density (osteoporosis variation)
-        "red_marrow": u(0.0, 0.35),
+        "red_marrow": var.u(rng, "red_marrow"),
         "vessel_ap": u(4.0, 12.0), "vessel_med": u(3.0, 15.0), "vessel_bright": bool(rng.random() < 0.6),
     }
     # anterior-posterior placement: centre the femur's AP extent (head, shaft, trochanter)
@@ -641,6 +794,9 @@ def _build_hip(rng: np.random.Generator, side: str, q: dict, centre, bilateral: 
     P = P + np.array([shift, 0.0, 0.0])
     hip = _Hip(side=side, m=m, H=H, R=R, n=n, d_s=d_s, e_m=e_m, e_a=e_a, e1n=e1n, e2n=e2n, P=P, L=L, p=p)
     p["nsa"] = float(q["nsa"])
+    p["head_aspect"] = float(q.get("aspect", 1.0))
+    p["roll"] = roll
+    p["cortex_scale"] = ck
     p["av"] = float(q["av"])
     p["tilt"] = float(q["tilt"])
     _derive_points(hip)
@@ -715,6 +871,9 @@ def _hip_meta(h: _Hip) -> dict[str, Any]:
             "calcar": float(p["t_calcar"]), "shaft": float(p["t_shaft"]),
         },
         "joint_space_mm": float(p["gap"]),
+        "head_aspect": float(p["head_aspect"]),
+        "femur_roll_deg": [float(a) for a in p["roll"]],
+        "cortex_scale": float(p["cortex_scale"]),
         "acetabulum_centre_mm": _jsonable(h.H),
         "acetabulum_axis": _jsonable(p["cup_in"]),
         "acetabular_inclination_deg": float(p["acet_incl"]),
@@ -759,22 +918,23 @@ def _sample_body(rng: np.random.Generator, hips, centre, bilateral: bool) -> dic
     return body
 
 
-def _sample_tissue_values(rng: np.random.Generator, modality: str) -> dict[str, float]:
+def _sample_tissue_values(rng: np.random.Generator, modality: str, var: Variation) -> dict[str, float]:
     u = rng.uniform
     if modality == "mr":
         j = lambda a, b: u(a, b)  # noqa: E731
+        w = lambda key: var.u(rng, key)  # noqa: E731
         return {
-            "gain": u(700.0, 1400.0),
+            "gain": w("gain"),
             "air": 0.0,
             "fat": 1.0,
             "skin": j(0.40, 0.55),
             "fascia": j(0.06, 0.14),
-            "muscle": j(0.28, 0.40),
+            "muscle": w("muscle"),
             "septa": j(0.65, 0.85),
-            "marrow_femur": j(0.90, 1.02),
+            "marrow_femur": w("marrow_femur"),
             "marrow_pelvis": j(0.62, 0.85),
-            "trab_dark": j(0.75, 0.92),
-            "cortex": j(0.03, 0.08),
+            "trab_dark": w("trab_dark"),
+            "cortex": w("cortex"),
             "cartilage": j(0.30, 0.45),
             "fluid": j(0.12, 0.25),
             "capsule": j(0.06, 0.14),
@@ -908,10 +1068,11 @@ def _smooth_noise(rng: np.random.Generator, g: _Grid, sigma_mm, coarse_mm: float
     return np.einsum("ij,bjk->bik", a1, tmp, optimize=True).astype(np.float32, copy=False)
 
 
-def _noise_fields(rng: np.random.Generator, g: _Grid, hips) -> dict[str, np.ndarray]:
+def _noise_fields(rng: np.random.Generator, g: _Grid, hips, trab_scale: float = 1.0) -> dict[str, np.ndarray]:
     rs = g.render_spacing
     lo = np.maximum(0.4, 1.2 * np.array(rs))
     lo[0] = max(lo[0], 0.8)
+    lo = lo * float(trab_scale)  # texture length scale (mm); 1 keeps the narrow world's arrays
     h = hips[0]
     # trabecular texture: band-pass noise, one field stretched along SI (head / compressive
     # group), one along the neck axis (tensile group / neck)
@@ -930,11 +1091,15 @@ def _femur_sdf(g: _Grid, h: _Hip) -> dict[str, np.ndarray]:
     p = h.p
     rH = _rel(g, h.H)
     dist_H = np.sqrt(_norm2(rH))
-    head = dist_H - _F32(h.R)
     # neck: tapered elliptical cylinder from the head centre (t = 0) to the shaft (t = L)
     t = -_dot(rH, h.n)
     p1 = _dot(rH, h.e1n)
     p2 = _dot(rH, h.e2n)
+    k = p.get("head_aspect", 1.0)
+    if k == 1.0:
+        head = dist_H - _F32(h.R)
+    else:  # spheroid with semi-axis k R along the neck axis (an approximate distance, exact at k = 1)
+        head = (np.sqrt((t / _F32(k)) ** 2 + p1 * p1 + p2 * p2) - _F32(h.R)) * _F32(min(k, 1.0))
     t_w, L = p["t_w"], h.L
     s_in = np.clip((t_w - t) / _F32(t_w), 0.0, 1.0)
     s_out = np.clip((t - t_w) / _F32(L - t_w), 0.0, 1.0)
@@ -1213,9 +1378,9 @@ def _draw_cyst(g: _Grid, img: np.ndarray, cyst: dict, tv: dict, endo: np.ndarray
 # ----------------------------------------------------------------------------- acquisition
 
 
-def _mr_acquisition(rng, img, g: _Grid, body, tv, fold, hips) -> np.ndarray:
+def _mr_acquisition(rng, img, g: _Grid, body, tv, fold, hips, var: Variation) -> np.ndarray:
     """Slice profile, surface-coil bias field, fold-over and Rician noise (output grid)."""
-    w = rng.uniform(0.08, 0.2)
+    w = var.u(rng, "slice_profile")
     img = ndimage.correlate1d(img, np.array([w, 1.0 - 2.0 * w, w], np.float32), axis=0, mode="nearest")
     # bias: brighter near the lateral surface coil, smooth low-order polynomial elsewhere
     x0, x1, x2 = g.vox
@@ -1225,8 +1390,8 @@ def _mr_acquisition(rng, img, g: _Grid, body, tv, fold, hips) -> np.ndarray:
         depth = di if depth is None else np.minimum(depth, di)
     fov = np.array(g.out_shape) * np.array(g.spacing)
     c = [(x - _F32(f / 2.0)) / _F32(f) for x, f in zip((x0, x1, x2), fov)]
-    a_s, lam = rng.uniform(0.3, 0.9), rng.uniform(30.0, 70.0)
-    coef = rng.uniform(-0.25, 0.25, size=5).tolist()  # python floats keep the arrays float32
+    a_s, lam = var.u(rng, "bias_surface"), rng.uniform(30.0, 70.0)
+    coef = var.u(rng, "bias_poly", size=5).tolist()  # python floats keep the arrays float32
     bias = (1.0 + a_s * np.exp(-np.maximum(depth, 0.0) / _F32(lam))) * (
         1.0 + coef[0] * c[0] + coef[1] * c[1] + coef[2] * c[2] + coef[3] * c[1] * c[2] + 0.5 * coef[4] * c[0] * c[0])
     hc = hips[0].H
@@ -1253,7 +1418,7 @@ def _mr_acquisition(rng, img, g: _Grid, body, tv, fold, hips) -> np.ndarray:
         img[tuple(dst_start)] += s * after * ramp.reshape(shp)
         img[tuple(dst_end)] += s * before * ramp[::-1].reshape(shp)
     gain = _F32(tv["gain"] * 1.0)
-    snr = rng.uniform(12.0, 35.0)
+    snr = var.u(rng, "snr")
     sigma = _F32(1.0 / snr)
     n1 = rng.standard_normal(img.shape, dtype=np.float32)
     n2 = rng.standard_normal(img.shape, dtype=np.float32)

@@ -32,6 +32,8 @@ def synthesize(
     artefact_fraction: float = 0.2,
     preview: bool = False,
     progress: bool = True,
+    variation: str | None = None,
+    shift: str | list[str] | None = None,
 ) -> Dataset:
     """Generate ``n`` phantom cases into the nnU-Net dataset folder ``out``.
 
@@ -39,6 +41,8 @@ def synthesize(
     The folder is built under a temporary name and renamed at the end, so an
     interrupted run leaves nothing half-written. ``meta.json`` records each case's
     true geometry (head centre, axes, angles) for tests and the CT region fit.
+    ``variation`` / ``shift`` choose the phantom world (:func:`femurseg.data.phantom.variation`;
+    None: the modality's default world).
     """
     modality = modality.lower()
     if modality not in ("mr", "ct"):
@@ -48,6 +52,9 @@ def synthesize(
         kwargs["shape"] = tuple(shape)
     if spacing is not None:
         kwargs["spacing"] = tuple(spacing)
+    if variation is not None or shift:
+        default = "wide" if modality == "mr" else "narrow"
+        kwargs["variation"] = phantom.variation(variation or default, shift)
     cohort = phantom.generate_cohort(n, modality=modality, seed=seed, artefact_fraction=artefact_fraction, **kwargs)
     groups: dict[str, str] = {}
     metas: dict[str, dict] = {}
