@@ -22,7 +22,8 @@ _CPU_S: dict[str, float] = {}
 @pytest.fixture(scope="module")
 def mr_cohort() -> list[phantom.PhantomCase]:
     t0 = time.process_time()
-    cases = list(phantom.generate_cohort(2, "mr", seed=3, artefact_fraction=0.0))
+    # the geometry checks below use the narrow world's exact ranges (a sphere for a head)
+    cases = list(phantom.generate_cohort(2, "mr", seed=3, artefact_fraction=0.0, variation="narrow"))
     _CPU_S["mr_per_case"] = (time.process_time() - t0) / len(cases)
     return cases
 
@@ -236,3 +237,74 @@ def test_montage_writes_a_png(tmp_path, mr_cohort, ct_case):
         save_montage(case.image, case.label[:-1], tmp_path / "bad.png")
     with pytest.raises(FemursegError, match="does not exist"):
         save_montage(case.image, None, tmp_path / "missing" / "x.png")
+
+
+# ----------------------------------------------------------------------------- worlds and shifts
+
+
+def test_worlds_share_draws_and_record_their_name():
+    """The wide world changes the anatomy and the look of a seed, the narrow world is the
+    generator's original one, and both say which world they come from."""
+    nar = phantom.generate_case(21, shape=SMALL, variation="narrow", artefacts=False)
+    wide = phantom.generate_case(21, shape=SMALL, artefacts=False)  # MR default: wide
+    again = phantom.generate_case(21, shape=SMALL, variation=phantom.variation("wide"), artefacts=False)
+    assert nar.meta["variation"] == "narrow" and wide.meta["variation"] == "wide"
+    np.testing.assert_array_equal(wide.image, again.image)
+    assert not np.array_equal(nar.image, wide.image)
+    lo, hi = phantom.variation("narrow").ranges["head_radius"]
+    assert lo <= nar.meta["head_radius_mm"] <= hi
+    assert nar.meta["head_aspect"] == 1.0 and nar.meta["femur_roll_deg"] == [0.0, 0.0, 0.0]
+    assert phantom.generate_case(21, shape=SMALL, modality="ct", artefacts=False).meta["variation"] == "narrow"
+
+
+@pytest.mark.parametrize("group", list(phantom.SHIFTS))
+def test_each_shift_moves_its_factors_beyond_the_narrow_world(group):
+    nar = phantom.variation("narrow")
+    sh = phantom.variation("narrow", group)
+    assert sh.name == f"narrow+{group}"
+    for key, (lo, hi) in phantom.SHIFTS[group].items():
+        assert sh.ranges[key] == (lo, hi)
+        nlo, nhi = nar.ranges[key]
+        assert hi > nhi or lo < nlo, key  # reaches outside the narrow range
+    others = set(nar.ranges) - set(phantom.SHIFTS[group])
+    assert all(sh.ranges[k] == nar.ranges[k] for k in others)
+
+
+def test_shifted_case_draws_inside_its_shifted_ranges():
+    case = phantom.generate_case(4, shape=SMALL, variation=phantom.variation("narrow", ["head", "noise_bias"]),
+                                 artefacts=False)
+    assert 26.0 <= case.meta["head_radius_mm"] <= 29.0 and 1.08 <= case.meta["head_aspect"] <= 1.14
+    assert 5.0 <= case.meta["intensity"]["snr"] <= 8.0
+    assert int(case.label.sum()) > 0
+    all_shift = phantom.variation("wide", "all")
+    assert all(all_shift.ranges[k] == v for g in phantom.SHIFTS.values() for k, v in g.items())
+    with pytest.raises(FemursegError):
+        phantom.variation("extreme")
+    with pytest.raises(FemursegError):
+        phantom.variation("narrow", "colour")
+
+
+def test_femur_roll_rotates_the_femur_rigidly():
+    """A roll of the femur about its head centre keeps the head centre (up to the generator's
+    re-centring of the femur front to back) and the femur's volume (within the field-of-view
+    clipping) and turns the neck axis by the drawn angles."""
+    v = phantom.variation("narrow")
+    rolled = phantom.Variation("roll", {**v.ranges, "femur_roll": (6.0, 6.0)})
+    a = phantom.generate_case(8, shape=SMALL, variation=v, artefacts=False)
+    b = phantom.generate_case(8, shape=SMALL, variation=rolled, artefacts=False)
+    np.testing.assert_allclose(a.meta["head_centre_mm"][1:], b.meta["head_centre_mm"][1:], atol=1e-9)
+    assert abs(a.meta["head_centre_mm"][0] - b.meta["head_centre_mm"][0]) < 3.0
+    na, nb = np.array(a.meta["neck_axis"]), np.array(b.meta["neck_axis"])
+    expected = phantom._rotation([6.0, 6.0, 6.0]) @ na
+    np.testing.assert_allclose(nb, expected, atol=1e-9)
+    assert abs(int(b.label.sum()) - int(a.label.sum())) / int(a.label.sum()) < 0.15
+
+
+def test_wide_world_labels_are_sane():
+    for case in phantom.generate_cohort(3, "mr", seed=9, shape=SMALL, artefact_fraction=0.0):
+        assert case.meta["variation"] == "wide"
+        assert np.isfinite(case.image).all() and case.image.min() >= 0.0
+        _, n = ndimage.label(case.label > 0)
+        assert n == 1
+        assert 25.0 < case.meta["label_volume_cm3"] < 250.0
+        assert _at(case, case.meta["head_centre_mm"]) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -169,11 +170,86 @@ def test_augment_is_reproducible_and_keeps_labels_valid():
     from femurseg.data.augment import _spatial
 
     one = torch.ones(2, dtype=torch.float64)
-    i2, l2 = _spatial(img, lab, one, 0 * one, 3)
+    i2, l2 = _spatial(img, lab, one, 0 * one, 3, tilt=torch.zeros(2, 2, dtype=torch.float64), spacing=(1.5, 1, 1),
+                      elastic_mm=0 * one)
     torch.testing.assert_close(i2, img, atol=1e-5, rtol=0)
     torch.testing.assert_close(l2, lab)
     with pytest.raises(FemursegError):
         AugmentConfig(scale=1.5)
+    with pytest.raises(FemursegError):
+        AugmentConfig(gamma_p=2.0)
+    with pytest.raises(FemursegError):
+        AugmentConfig.from_dict({"lowres": [0.5, 2.0]})
+
+
+def test_default_augmentation_is_reproducible_per_seed_and_changes_the_batch():
+    cfg = AugmentConfig.preset("default")
+    assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
+    img, lab = _batch((12, 16, 16))
+    img = img.repeat(4, 1, 1, 1, 1)
+    lab = lab.repeat(4, 1, 1, 1)
+    a = augment(img, lab, cfg, torch.Generator().manual_seed(5), spacing=(1.5, 1.0, 1.0))
+    b = augment(img, lab, cfg, torch.Generator().manual_seed(5), spacing=(1.5, 1.0, 1.0))
+    c = augment(img, lab, cfg, torch.Generator().manual_seed(6), spacing=(1.5, 1.0, 1.0))
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert torch.isfinite(a[0]).all() and set(a[1].unique().tolist()) <= {0, 1}
+    # every kind at probability 1 runs on 2D stacks too
+    full = AugmentConfig(rotate_deg=20, tilt_deg=10, scale=0.2, elastic_mm=3, noise_std=0.2, blur_p=1, bias=0.5,
+                         brightness_mul=0.3, contrast=0.3, lowres_p=1, gamma_p=1)
+    img2, lab2 = _batch((12, 10))
+    out, olab = augment(img2, lab2, full, torch.Generator().manual_seed(0), spacing=(1.5, 1.0, 1.0))
+    assert out.shape == img2.shape and torch.isfinite(out).all() and olab.shape == lab2.shape
+
+
+def _ball(shape, spacing, centre_mm, radius_mm):
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * s for n, s in zip(shape, spacing)], indexing="ij")
+    d2 = sum((g - c) ** 2 for g, c in zip(grids, centre_mm))
+    return (d2 <= radius_mm**2).long()
+
+
+def test_rotations_are_rigid_in_millimetres_for_anisotropic_voxels():
+    """A ball off the rotation centre, in 3 mm x 1 mm x 1 mm voxels, rotated out of the coronal
+    plane: its volume is kept and its centre moves along the circle of a rigid rotation in mm
+    (a rotation in voxel units would shear it into an ellipsoid and put its centre elsewhere)."""
+    from femurseg.data.augment import _spatial
+
+    shape, spacing = (32, 64, 64), (3.0, 1.0, 1.0)
+    c = [(n - 1) / 2 * s for n, s in zip(shape, spacing)]
+    centre = (c[0] + 20.0, c[1], c[2])  # 20 mm anterior of the centre
+    lab = _ball(shape, spacing, centre, 9.0)[None]
+    img = lab[:, None].float()
+    one = torch.ones(1, dtype=torch.float64)
+    a = math.radians(30)
+    tilt = torch.tensor([[a, 0.0]], dtype=torch.float64)  # about the row (I) axis: A and L mix
+    _, out = _spatial(img, lab, one, 0 * one, 3, tilt=tilt, spacing=spacing)
+    vol0, vol1 = float(lab.sum()), float(out.sum())
+    assert abs(vol1 - vol0) / vol0 < 0.05
+    idx = out[0].nonzero().double()
+    com = (idx.mean(0) * torch.tensor(spacing)).tolist()
+    # moved on a circle of radius 20 mm about the centre, within the A-L plane
+    r = math.hypot(com[0] - c[0], com[2] - c[2])
+    assert abs(r - 20.0) < 1.0 and abs(com[1] - c[1]) < 0.5
+    assert abs(abs(math.atan2(com[2] - c[2], com[0] - c[0])) - a) < math.radians(3)
+    # extents along A and L stay those of a ball (18 mm), not a sheared ellipsoid
+    ext = (idx.max(0).values - idx.min(0).values + 1) * torch.tensor(spacing)
+    assert 15.0 <= float(ext[0]) <= 21.5 and 16.0 <= float(ext[2]) <= 20.0
+
+
+def test_gamma_and_blur_match_monai():
+    monai = pytest.importorskip("monai")
+    from femurseg.data.augment import adjust_gamma, gaussian_blur
+
+    x = torch.rand(1, 10, 12, 14, generator=torch.Generator().manual_seed(0))
+    ref = monai.transforms.AdjustContrast(gamma=1.4)(x)
+    torch.testing.assert_close(adjust_gamma(x, 1.4, retain_stats=False), torch.as_tensor(ref).float(),
+                               atol=1e-5, rtol=1e-5)
+    ref = monai.transforms.GaussianSmooth(sigma=0.8)(x)
+    ours = gaussian_blur(x, 0.8)
+    # the interior agrees (MONAI pads with zeros, femurseg replicates the edge)
+    torch.testing.assert_close(ours[:, 4:-4, 4:-4, 4:-4], torch.as_tensor(ref)[:, 4:-4, 4:-4, 4:-4].float(),
+                               atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("dtype,order", [(np.float32, 3), (np.float32, 1), (np.int16, 3), (np.uint8, 0)])

@@ -233,10 +233,10 @@ _CHILD = textwrap.dedent(
     out, slow = sys.argv[1], sys.argv[2] == "slow"
     if slow:  # make epochs from the third on slow so the kill lands mid-epoch
         real = T.augment
-        def augment(x, y, cfg, gen):
+        def augment(x, y, cfg, gen, **kw):
             if T_state["epoch"] >= 3:
                 time.sleep(0.5)
-            return real(x, y, cfg, gen)
+            return real(x, y, cfg, gen, **kw)
         T_state = {{"epoch": 0}}
         real_items = T._epoch_items
         def items(*a):

@@ -1,18 +1,42 @@
 """Training-time data augmentation on torch tensors (one batch at a time, on any device).
 
-* **Horizontal flip** (paper 001/002: left and right hips): mirror the column axis
-  (patient right <-> left, the last axis) with probability ``flip_p``.
-* Optional, from the CT paper (003) and common practice: additive **Gaussian noise**
-  (``noise_std``, in normalised intensity units), a **brightness shift** (uniform in
-  ``+-brightness``), **3D scaling** (isotropic zoom by a factor uniform in
-  ``1 +- scale`` about the volume centre) and small **in-plane rotations** (uniform in
-  ``+-rotate_deg`` degrees about the anterior axis, i.e. within each coronal slice).
+What :class:`AugmentConfig` can do, per sample, each with its own probability (nnU-Net v2's
+default trainer and batchgeneratorsv2 are the model for the kinds, ranges and probabilities):
 
-Images are ``(B, C, D, H, W)`` (3D) or ``(B, C, H, W)`` (2D stacks of 3 coronal slices);
-labels ``(B, D, H, W)`` / ``(B, H, W)`` integer tensors. Spatial transforms resample the image
-bilinearly (edge values outside) and the label with nearest neighbour, in one
-``grid_sample`` per batch. Every random draw comes from the ``torch.Generator`` passed in,
-so a run is reproducible from its seed.
+* **Mirror** (paper 001/002: left and right hips): the column axis (patient right <-> left,
+  the last axis) with probability ``flip_p``.
+* **Spatial** (probability ``spatial_p``), one ``grid_sample`` per batch: rotation about the
+  anterior axis, i.e. within each coronal slice (uniform in ``+-rotate_deg``), out of the
+  coronal plane about the other two axes (``+-tilt_deg``), isotropic zoom by a factor uniform in
+  ``1 +- scale`` about the volume centre, and an **elastic** deformation (``elastic_mm``: the
+  standard deviation of a random displacement in mm on control points every
+  ``elastic_grid_mm``, interpolated trilinearly). Rotations are rigid in millimetres, not in
+  voxels: the batch's ``spacing`` turns them into voxel units, so anisotropic voxels (1.5 mm
+  slices, 0.5-2 mm pixels) are not sheared.
+* **Intensity** (images are z-score normalised, so the units are standard deviations):
+  additive Gaussian **noise** with a standard deviation uniform in ``[0, noise_std]``
+  (``noise_p``); Gaussian **blur** with sigma uniform in ``blur_sigma`` voxels (``blur_p``);
+  a multiplicative **bias field** ``exp(b)``, ``b`` a smooth random field with amplitude
+  uniform in ``[0, bias]`` (``bias_p``); **brightness** (multiplication by a factor uniform in
+  ``1 +- brightness_mul``) and **contrast** (scaling about the mean by ``1 +- contrast``, clipped
+  to the original range), each with ``intensity_p``; simulated **low resolution** (nearest
+  down-sampling by a factor uniform in ``lowres``, trilinear back; ``lowres_p``); **gamma**
+  (``x -> x^g`` on the range-normalised image, ``g`` log-uniform in ``gamma``, mean and
+  standard deviation kept; ``gamma_p``); and the older additive **brightness shift**
+  (``brightness``, uniform in ``+-brightness``, every sample).
+
+:class:`AugmentConfig` alone is the mirror only (paper 001's augmentation, what the CT cascade
+and the paper preset use); :meth:`AugmentConfig.preset` ``"default"`` is the set the MR default
+preset trains with. The intensity kinds follow batchgeneratorsv2 / MONAI (``RandAdjustContrast``,
+``RandGaussianSmooth``, ``RandBiasField``, ``RandSimulateLowResolution``), re-stated here in
+batched torch so that a batch is augmented in one pass on the training device with the
+spacing known; the tests check the gamma and blur kinds against MONAI's own transforms.
+
+Images are ``(B, C, D, H, W)`` (3D) or ``(B, C, H, W)`` (2D stacks of 3 coronal slices); labels
+``(B, D, H, W)`` / ``(B, H, W)`` integer tensors. Spatial transforms resample the image
+bilinearly (edge values outside) and the label with nearest neighbour. Every random draw comes
+from the ``torch.Generator`` passed in, in a fixed order and count, so a run is reproducible from
+its seed whatever options are on.
 """
 
 from __future__ import annotations
@@ -29,29 +53,64 @@ from femurseg.core.errors import FemursegError
 
 @dataclass
 class AugmentConfig:
-    """Augmentations applied to every training batch (all off except the flip by default)."""
+    """Augmentations applied to every training batch (all off except the mirror by default).
+
+    Probabilities are per sample; magnitudes as in the module docstring (degrees, mm, voxels,
+    plain ratios, standard deviations of the normalised image).
+    """
 
     flip_p: float = 0.5
     noise_std: float = 0.0
     brightness: float = 0.0
     scale: float = 0.0
     rotate_deg: float = 0.0
+    tilt_deg: float = 0.0
+    elastic_mm: float = 0.0
+    elastic_grid_mm: float = 24.0
+    spatial_p: float = 1.0
+    noise_p: float = 1.0
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    blur_p: float = 0.0
+    bias: float = 0.0
+    bias_p: float = 1.0
+    brightness_mul: float = 0.0
+    contrast: float = 0.0
+    intensity_p: float = 1.0
+    lowres: tuple[float, float] = (0.5, 1.0)
+    lowres_p: float = 0.0
+    gamma: tuple[float, float] = (0.7, 1.5)
+    gamma_p: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.flip_p <= 1:
-            raise FemursegError(f"augmentation: flip_p={self.flip_p} must be in [0, 1]")
-        for name in ("noise_std", "brightness", "scale", "rotate_deg"):
+        self.blur_sigma = tuple(float(v) for v in self.blur_sigma)  # type: ignore[assignment]
+        self.lowres = tuple(float(v) for v in self.lowres)  # type: ignore[assignment]
+        self.gamma = tuple(float(v) for v in self.gamma)  # type: ignore[assignment]
+        for name in ("flip_p", "spatial_p", "noise_p", "blur_p", "bias_p", "intensity_p", "lowres_p", "gamma_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be in [0, 1]")
+        for name in ("noise_std", "brightness", "scale", "rotate_deg", "tilt_deg", "elastic_mm", "bias",
+                     "brightness_mul", "contrast"):
             if getattr(self, name) < 0:
                 raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be >= 0")
-        if self.scale >= 1:
-            raise FemursegError(f"augmentation: scale={self.scale} must be < 1 (factor 1 +- scale)")
+        for name in ("scale", "brightness_mul", "contrast"):
+            if getattr(self, name) >= 1:
+                raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be < 1 (factor 1 +- {name})")
+        if self.elastic_grid_mm <= 0:
+            raise FemursegError(f"augmentation: elastic_grid_mm={self.elastic_grid_mm} must be > 0")
+        for name, lo_min in (("blur_sigma", 0.0), ("lowres", 0.0), ("gamma", 0.0)):
+            lo, hi = getattr(self, name)
+            if not (lo > lo_min and hi >= lo):
+                raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be (lo, hi) with 0 < lo <= hi")
+        if self.lowres[1] > 1:
+            raise FemursegError(f"augmentation: lowres={self.lowres} factors must be <= 1")
 
     @property
     def spatial(self) -> bool:
-        return self.scale > 0 or self.rotate_deg > 0
+        return self.spatial_p > 0 and (self.scale > 0 or self.rotate_deg > 0 or self.tilt_deg > 0 or self.elastic_mm > 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> AugmentConfig:
@@ -61,26 +120,56 @@ class AugmentConfig:
             raise FemursegError(f"augmentation: unknown option(s) {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def preset(cls, name: str) -> AugmentConfig:
+        """``"flip"``: the mirror only (paper 001). ``"default"``: the MR default preset's set,
+        nnU-Net v2's kinds and probabilities with rotations within the coronal plane up to
+        15 degrees and 5 degrees out of it, zoom 0.85-1.15, a mild elastic deformation, bias
+        field, noise, blur, brightness, contrast, low resolution and gamma (chosen by measurement:
+        README, "Robustness")."""
+        if name == "flip":
+            return cls()
+        if name == "default":
+            return cls(flip_p=0.5, rotate_deg=15.0, tilt_deg=5.0, scale=0.15, elastic_mm=2.0, spatial_p=0.3,
+                       noise_std=0.1, noise_p=0.15, blur_p=0.2, bias=0.3, bias_p=0.3, brightness_mul=0.25,
+                       contrast=0.25, intensity_p=0.15, lowres_p=0.25, gamma_p=0.3)
+        raise FemursegError(f"augmentation: unknown preset {name!r} (flip, default)")
+
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
 
 
-def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
+            spacing: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``cfg`` to a batch; returns new ``(image, label)`` tensors of the same shapes.
 
     ``gen`` is a CPU ``torch.Generator``; the draws do not depend on the device of the batch.
+    ``spacing``: mm per spatial axis of the batch's grid (None: isotropic voxels); it makes
+    rotations rigid in millimetres and sets the elastic control grid.
     """
     b = image.shape[0]
-    spatial_dims = image.ndim - 2
+    sd = image.ndim - 2
     if label.ndim != image.ndim - 1 or label.shape[0] != b or label.shape[1:] != image.shape[2:]:
         raise ValueError(f"augment: label shape {tuple(label.shape)} does not match image {tuple(image.shape)}")
+    spacing = tuple(float(s) for s in (spacing or (1.0,) * 3))[-sd:]
     # Draw everything first (fixed order and count) so the stream does not depend on the options' values.
     flip = torch.rand(b, generator=gen) < cfg.flip_p
     shift = _uniform(b, -cfg.brightness, cfg.brightness, gen)
     factor = _uniform(b, 1 - cfg.scale, 1 + cfg.scale, gen)
     angle = _uniform(b, -cfg.rotate_deg, cfg.rotate_deg, gen) * math.pi / 180
     noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    do_spatial = torch.rand(b, generator=gen) < cfg.spatial_p
+    tilt = _uniform(2 * b, -cfg.tilt_deg, cfg.tilt_deg, gen).view(b, 2) * math.pi / 180
+    field_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    p = torch.rand(b, 7, generator=gen)  # per-sample coin: noise, blur, bias, brightness, contrast, lowres, gamma
+    noise_sd = _uniform(b, 0.0, cfg.noise_std, gen)
+    sigma = _uniform(b, *cfg.blur_sigma, gen)
+    bias_amp = _uniform(b, 0.0, cfg.bias, gen)
+    mul = _uniform(b, 1 - cfg.brightness_mul, 1 + cfg.brightness_mul, gen)
+    con = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen)
+    low = _uniform(b, *cfg.lowres, gen)
+    gam = torch.exp(_uniform(b, math.log(cfg.gamma[0]), math.log(cfg.gamma[1]), gen))
 
     if flip.any():
         idx = flip.nonzero().flatten().to(image.device)
@@ -88,37 +177,143 @@ def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: t
         label = label.clone()
         image[idx] = image[idx].flip(-1)
         label[idx] = label[idx].flip(-1)
-    if cfg.spatial:
-        image, label = _spatial(image, label, factor, angle, spatial_dims)
+    if cfg.spatial and do_spatial.any():
+        keep = ~do_spatial
+        factor = torch.where(keep, torch.ones_like(factor), factor)
+        angle = torch.where(keep, torch.zeros_like(angle), angle)
+        tilt = torch.where(keep[:, None], torch.zeros_like(tilt), tilt)
+        elastic = torch.where(keep, 0.0, cfg.elastic_mm).to(torch.float64)
+        image, label = _spatial(image, label, factor, angle, sd, tilt=tilt, spacing=spacing, elastic_mm=elastic,
+                                grid_mm=cfg.elastic_grid_mm, seed=field_seed)
     if cfg.brightness > 0:
         image = image + shift.to(image.device, image.dtype).view(b, *([1] * (image.ndim - 1)))
     if cfg.noise_std > 0:
         g = torch.Generator(device="cpu").manual_seed(noise_seed)
-        noise = torch.randn(image.shape, generator=g, dtype=torch.float32) * cfg.noise_std
-        image = image + noise.to(image.device, image.dtype)
+        noise = torch.randn(image.shape, generator=g, dtype=torch.float32)
+        scale = torch.where(p[:, 0] < cfg.noise_p, noise_sd, torch.zeros_like(noise_sd)).float()
+        image = image + (noise * scale.view(b, *([1] * (image.ndim - 1)))).to(image.device, image.dtype)
+    sel = lambda k, prob: [i for i in range(b) if float(p[i, k]) < prob]  # noqa: E731
+    image = image.clone() if any(cfg_p > 0 for cfg_p in (cfg.blur_p, cfg.bias_p * (cfg.bias > 0), cfg.intensity_p,
+                                                         cfg.lowres_p, cfg.gamma_p)) else image
+    for i in sel(1, cfg.blur_p):
+        image[i] = gaussian_blur(image[i], float(sigma[i]))
+    if cfg.bias > 0:
+        for i in sel(2, cfg.bias_p):
+            image[i] = image[i] * torch.exp(float(bias_amp[i]) * _smooth_field(image.shape[2:], 4, field_seed + i,
+                                                                               image.device))
+    if cfg.brightness_mul > 0:
+        for i in sel(3, cfg.intensity_p):
+            image[i] = image[i] * float(mul[i])
+    if cfg.contrast > 0:
+        for i in sel(4, cfg.intensity_p):
+            x = image[i]
+            image[i] = ((x - x.mean()) * float(con[i]) + x.mean()).clamp(x.min(), x.max())
+    for i in sel(5, cfg.lowres_p):
+        image[i] = simulate_low_resolution(image[i], float(low[i]))
+    for i in sel(6, cfg.gamma_p):
+        image[i] = adjust_gamma(image[i], float(gam[i]))
     return image, label
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``x`` ``(C, *S)`` with ``sigma`` voxels on every spatial axis:
+    MONAI's kernel (the Gaussian integrated over each voxel, truncated at 4 sigma), edges
+    replicated (MONAI pads with zeros)."""
+    sd = x.ndim - 1
+    r = max(1, int(max(4.0 * sigma, 0.5) + 0.5))
+    t = torch.arange(-r, r + 1, dtype=torch.float64) / (sigma * math.sqrt(2.0))
+    h = 0.5 / (sigma * math.sqrt(2.0))
+    k = 0.5 * (torch.erf(t + h) - torch.erf(t - h))
+    k = (k / k.sum()).to(device=x.device, dtype=x.dtype)
+    y = x[None]
+    conv = F.conv3d if sd == 3 else F.conv2d
+    c = x.shape[0]
+    for ax in range(sd):
+        shape = [1] * sd
+        shape[ax] = 2 * r + 1
+        pad = [0, 0] * sd
+        pad[2 * (sd - 1 - ax)] = pad[2 * (sd - 1 - ax) + 1] = r
+        y = conv(F.pad(y, pad, mode="replicate"), k.view(1, 1, *shape).expand(c, 1, *shape), groups=c)
+    return y[0]
+
+
+def simulate_low_resolution(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Down-sample ``x`` ``(C, *S)`` by ``factor`` (< 1) with nearest neighbour and back to its
+    size with (bi/tri)linear interpolation (what a coarser acquisition looks like)."""
+    size = x.shape[1:]
+    small = [max(1, int(round(n * factor))) for n in size]
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    y = F.interpolate(x[None].float(), size=small, mode="nearest")
+    return F.interpolate(y, size=list(size), mode=mode, align_corners=False)[0].to(x.dtype)
+
+
+def adjust_gamma(x: torch.Tensor, gamma: float, retain_stats: bool = True) -> torch.Tensor:
+    """``x -> ((x - min) / range) ^ gamma * range + min`` (MONAI's ``AdjustContrast``), then, with
+    ``retain_stats``, shifted and scaled back to the original mean and standard deviation."""
+    mean, std = x.mean(), x.std()
+    lo, rng = x.min(), (x.max() - x.min()).clamp_min(1e-7)
+    y = ((x - lo) / rng).clamp_min(0) ** gamma * rng + lo
+    if retain_stats:
+        y = (y - y.mean()) / y.std().clamp_min(1e-7) * std + mean
+    return y
+
+
+def _smooth_field(shape: torch.Size | tuple[int, ...], n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A smooth random field of ``shape`` (standard normal values on an ``n``-point control grid
+    per axis, interpolated (tri)linearly), scaled to maximum absolute value 1."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    coarse = torch.randn((1, 1, *([n] * len(shape))), generator=g)
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    f = F.interpolate(coarse, size=list(shape), mode=mode, align_corners=True)[0, 0]
+    return (f / f.abs().max().clamp_min(1e-7)).to(device)
+
+
+def _rot(axis: int, a: torch.Tensor) -> torch.Tensor:
+    """Batch of 3x3 rotations by ``a`` (radians) about coordinate ``axis`` of (x, y, z)."""
+    b = a.shape[0]
+    r = torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
+    i, j = [k for k in range(3) if k != axis]
+    c, s = torch.cos(a), torch.sin(a)
+    r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
+    return r
+
+
 def _spatial(image: torch.Tensor, label: torch.Tensor, factor: torch.Tensor, angle: torch.Tensor,
-             spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zoom by ``factor`` and rotate rows/cols by ``angle`` (radians) about the centre."""
+             spatial_dims: int, *, tilt: torch.Tensor | None = None, spacing: tuple[float, ...] | None = None,
+             elastic_mm: torch.Tensor | None = None, grid_mm: float = 24.0,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom by ``factor``, rotate rows/cols by ``angle`` and the coronal plane by ``tilt``
+    (radians, ``(B, 2)``: about the row and the column axis), and deform elastically by
+    ``elastic_mm`` (``(B,)``), about the centre, rigidly in mm for voxels of ``spacing``."""
     b = image.shape[0]
-    h, w = image.shape[-2:]
-    # Normalised grid coordinates run over [-1, 1] on each axis; with square in-plane pixels a
-    # rigid rotation in pixel units is S^-1 R S in normalised units, S = diag(w, h) / 2.
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    inv = 1.0 / factor  # output -> input mapping of a zoom by `factor`
-    theta = torch.zeros(b, spatial_dims, spatial_dims + 1, dtype=torch.float64)
-    # (x, y) = (col, row) block
-    theta[:, 0, 0] = cos * inv
-    theta[:, 0, 1] = -sin * inv * h / w
-    theta[:, 1, 0] = sin * inv * w / h
-    theta[:, 1, 1] = cos * inv
+    size = tuple(image.shape[2:])
+    spacing = tuple(spacing or (1.0,) * spatial_dims)
+    # grid_sample's coordinates are (x, y[, z]) = (col, row[, slice]), each normalised to [-1, 1]
+    # over its extent: a rigid map in mm is S^-1 R S with S = diag(extent / 2).
+    extent = torch.tensor([n * s for n, s in zip(size, spacing)][::-1], dtype=torch.float64)
+    s_half = torch.diag(extent / 2)
+    s_inv = torch.diag(2 / extent)
     if spatial_dims == 3:
-        theta[:, 2, 2] = inv  # z = coronal axis: zoom only
+        rot = _rot(2, angle)  # about z (the slice axis): within each coronal slice
+        if tilt is not None:
+            rot = _rot(1, tilt[:, 0]) @ _rot(0, tilt[:, 1]) @ rot
+    else:
+        c, s = torch.cos(angle), torch.sin(angle)
+        rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    inv = (1.0 / factor).view(b, 1, 1)  # output -> input mapping of a zoom by `factor`
+    lin = s_inv @ rot.transpose(1, 2) @ s_half * inv
+    theta = torch.cat([lin, torch.zeros(b, spatial_dims, 1, dtype=torch.float64)], dim=2)
     theta = theta.to(device=image.device, dtype=torch.float32)
-    size = list(image.shape)
-    grid = F.affine_grid(theta, size, align_corners=False)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    if elastic_mm is not None and bool((elastic_mm > 0).any()):
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        ctrl = [max(2, int(math.ceil(float(e) / grid_mm)) + 1) for e in extent.flip(0)]  # per (z, y, x) / (y, x)
+        coarse = torch.randn((b, spatial_dims, *ctrl), generator=g, dtype=torch.float32)
+        mode = "trilinear" if spatial_dims == 3 else "bilinear"
+        disp = F.interpolate(coarse, size=list(size), mode=mode, align_corners=True)  # (B, xyz, *S), in sd
+        disp = disp * elastic_mm.float().view(b, 1, *([1] * spatial_dims))
+        disp = disp * (2 / extent.float()).view(1, spatial_dims, *([1] * spatial_dims))  # mm -> normalised
+        grid = grid + disp.movedim(1, -1).to(grid.device)
     img = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(image.dtype)
     lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return img, lab[:, 0].round().to(label.dtype)

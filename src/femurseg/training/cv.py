@@ -111,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"name": "unet3d", "features": 16, "levels": 3, "dilations": None, "norm": "instance"},
         "preprocess": PreprocessConfig.preset("default").to_dict(),
         "train": TrainConfig.preset("default").to_dict(),
-        "augment": AugmentConfig().to_dict(),
+        "augment": AugmentConfig.preset("default").to_dict(),
     },
     # Paper 001: 3D U-Net, 32 features, 4 levels, dilations 1,2,4,8 at the centre; 48 central
     # slices resampled to 256 x 256; Adam 5e-5, batch 1; early stopping after 30 epochs with
@@ -206,7 +206,7 @@ def prepare_cases(ds: Dataset, prep: PreprocessConfig, num_classes: int = 2, pro
             raise FemursegError(f"{case.label}: label value {int(label.max())} needs a model with more than "
                                 f"{num_classes} classes")
         qc = (image_features(vol.data, vol.spacing), mask_features(np.asarray(lab.data) > 0, vol.spacing))
-        out[case.case_id] = Prepared(Sample(case.case_id, image, label), info, qc)
+        out[case.case_id] = Prepared(Sample(case.case_id, image, label, spacing=tuple(info.spacing)), info, qc)
     return out
 
 

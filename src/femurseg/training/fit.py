@@ -200,13 +200,16 @@ class Sample:
     """One preprocessed training/validation case held in memory.
 
     ``image`` float32 and ``label`` uint8 have the preprocessed shape ``(D, H, W)``;
-    ``fractions`` are the label's class fractions ``(C,)`` (loss weights for slices/patches).
+    ``fractions`` are the label's class fractions ``(C,)`` (loss weights for slices/patches);
+    ``spacing`` the preprocessed grid's mm per axis (None: unknown, treated as isotropic by the
+    augmentation's rotations).
     """
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     fractions: np.ndarray = field(default=None)  # type: ignore[assignment]
+    spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.fractions is None:
@@ -597,7 +600,8 @@ def fit(
                                dynamic_ncols=True)
             for n, chunk in enumerate(bar, start=1):
                 x, y, frac = _make_batch(train, chunk, model, cfg, rng)
-                x, y = augment(x, y, aug, gen) if not is_patch_classifier(model) else (x, y)
+                if not is_patch_classifier(model):
+                    x, y = augment(x, y, aug, gen, spacing=train[chunk[0][0]].spacing)
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
                 if memory_format is not None:
                     x = x.contiguous(memory_format=memory_format)

@@ -1,0 +1,194 @@
+"""Cross-domain benchmark: train on one phantom world, test on worlds shifted beyond it.
+
+    python benchmarks/bench_shift.py [--quick] [--cases 16] [--test-cases 6] [--work DIR] [--out benchmarks/results/]
+
+What it measures. A model trained on femurseg's phantoms is only worth something on real scans
+if it does not depend on the look of one generator. Here each training configuration is a
+4-fold ``femurseg cv`` (default preset network and schedule) on ``--cases`` phantoms (seed 0);
+its fold ensemble then segments test cohorts (``--test-cases`` each, seeds that no training case
+has) with ``femurseg predict`` (the run's threshold, post-processing and per-scan QC), and
+``femurseg.evaluation.evaluate`` scores them against the phantoms' labels. The configurations:
+
+* ``narrow + flip``: the phantom world and augmentation femurseg had before (the mirror only);
+* ``narrow + aug``: the same data with the default augmentation (``AugmentConfig.preset("default")``);
+* ``wide + flip``: the wide phantom world (``femurseg.data.phantom.variation("wide")``) without it;
+* ``wide + aug``: both (today's default).
+
+The test cohorts are the narrow world (in-domain for the first two), the wide world, and the
+narrow world with each factor group of ``femurseg.data.phantom.SHIFTS`` moved beyond its range
+one at a time (placement in the field of view, head size and sphericity, neck length and
+angles, femur pose, T1 contrast, cortical thickness, trabecular scale, noise and bias, slice
+profile) and all together. The shifted ranges lie outside the narrow world and reach past the
+wide one, so no configuration has seen all of them.
+
+Writes ``shift_cases.csv`` (per configuration, test cohort and case: DSC, precision, recall,
+ASD, HD95, volume error, QC verdict) and ``shift_summary.csv`` (mean ± SD per configuration and
+cohort, the fraction of scans QC did not pass, training seconds per fold). ``--quick``: 8
+training cases, 2 folds, 3 test cases per cohort, three cohorts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import RESULTS, machine_info, say, write_csv  # noqa: E402
+
+CONFIGS: dict[str, tuple[str, str]] = {  # name -> (phantom world, augmentation preset)
+    "narrow + flip": ("narrow", "flip"),
+    "narrow + aug": ("narrow", "default"),
+    "wide + flip": ("wide", "flip"),
+    "wide + aug": ("wide", "default"),
+}
+TEST_SEED = 1000  # test cohorts are drawn from seeds no training cohort (seed 0) uses
+
+
+def test_cohorts(quick: bool = False) -> dict[str, tuple[str, Any]]:
+    """Test cohort name -> (world, shift) for :func:`femurseg.data.phantom.variation`."""
+    from femurseg.data.phantom import SHIFTS
+
+    cohorts: dict[str, tuple[str, Any]] = {"narrow": ("narrow", None), "wide": ("wide", None)}
+    if quick:
+        cohorts["all shifts"] = ("narrow", "all")
+        return cohorts
+    for group in SHIFTS:
+        cohorts[f"shift {group}"] = ("narrow", group)
+    cohorts["all shifts"] = ("narrow", "all")
+    return cohorts
+
+
+def make_cohort(out: Path, n: int, seed: int, world: str, shift: Any) -> Path:
+    from femurseg.data.synth import synthesize
+
+    if not (out / "dataset.json").exists():
+        synthesize(out, n=n, modality="mr", seed=seed, variation=world, shift=shift, progress=False)
+    return out
+
+
+def train(data: Path, run: Path, aug: str, folds: int) -> float:
+    """4-fold cv with the default preset and augmentation preset ``aug``; returns training s per fold."""
+    from femurseg.data.augment import AugmentConfig
+    from femurseg.inference.run import is_run
+    from femurseg.training.cv import run_cv
+
+    if not (is_run(run) and (run / "summary.json").exists()):
+        run_cv(data, run, aug_cfg=AugmentConfig.preset(aug).to_dict(), folds=folds, seed=0, resume=run.exists(),
+               progress=False)
+    seconds = []
+    for log in sorted(run.glob("fold_*/log.csv")):
+        with open(log) as f:
+            seconds.append(sum(float(r["seconds"]) for r in csv.DictReader(f)))
+    return sum(seconds) / max(len(seconds), 1)
+
+
+def score(run: Path, cohort: Path, out: Path) -> list[dict[str, Any]]:
+    """Segment ``cohort``'s images with ``run`` (all folds, QC on) and evaluate against its labels."""
+    from femurseg.evaluation.evaluate import evaluate_folders
+    from femurseg.inference.predict import predict_command
+
+    if out.exists():
+        shutil.rmtree(out)
+    predict_command(run, [cohort / "imagesTr"], out, progress=False, echo=lambda _m: None, notify=lambda _m: None)
+    qc = {}
+    with open(out / "predictions.csv") as f:
+        for r in csv.DictReader(f):
+            qc[r["case"]] = (r["qc"], r["qc_reasons"])
+    rows = evaluate_folders(out, cohort / "labelsTr", progress=False, notify=lambda _m: None)
+    for r in rows:
+        r["qc"], r["qc_reasons"] = qc.get(r["case"], ("missing", ""))
+    return rows
+
+
+def summarise(cases: list[dict[str, Any]], train_s: dict[str, float]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    info = machine_info()
+    out = []
+    keys = sorted({(r["config"], r["cohort"]) for r in cases}, key=lambda k: (list(CONFIGS).index(k[0]), k[1]))
+    for cfg, cohort in keys:
+        rows = [r for r in cases if r["config"] == cfg and r["cohort"] == cohort]
+        row: dict[str, Any] = {"config": cfg, "cohort": cohort, "n": len(rows)}
+        for m in ("dsc", "precision", "recall", "asd_mm", "hd95_mm", "vol_rel_err_pct"):
+            v = np.array([float(r[m]) for r in rows if r.get(m) not in (None, "")], float)
+            v = v[np.isfinite(v)]
+            row[f"{m}_mean"] = float(v.mean()) if v.size else float("nan")
+            row[f"{m}_sd"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+        row["qc_not_ok"] = sum(r["qc"] != "ok" for r in rows) / max(len(rows), 1)
+        row["train_s_per_fold"] = round(train_s[cfg], 1)
+        row["date"] = time.strftime("%Y-%m-%d %H:%M")
+        row["cpu"] = info.get("cpu")
+        out.append(row)
+    return out
+
+
+def markdown(summary: list[dict[str, Any]]) -> str:
+    """The README table: one row per test cohort, DSC (and HD95) per configuration."""
+    cohorts = list(dict.fromkeys(r["cohort"] for r in summary))
+    cfgs = [c for c in CONFIGS if any(r["config"] == c for r in summary)]
+    by = {(r["config"], r["cohort"]): r for r in summary}
+    lines = ["| test cohort | " + " | ".join(f"{c}: DSC / HD95 mm" for c in cfgs) + " |",
+             "|---|" + "---|" * len(cfgs)]
+    for co in cohorts:
+        cells = []
+        for c in cfgs:
+            r = by.get((c, co))
+            cells.append("-" if r is None else f"{r['dsc_mean']:.3f} ± {r['dsc_sd']:.3f} / {r['hd95_mm_mean']:.1f}")
+        lines.append(f"| {co} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cases", type=int, default=16)
+    ap.add_argument("--test-cases", type=int, default=6)
+    ap.add_argument("--folds", type=int, default=4)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--work", type=Path, default=RESULTS / "shift_work")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.cases, a.test_cases, a.folds = 8, 3, 2
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configuration(s): {unknown}")
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cohorts = {name: make_cohort(a.work / "test" / name.replace(" ", "_"), a.test_cases, TEST_SEED + i, w, s)
+               for i, (name, (w, s)) in enumerate(test_cohorts(a.quick).items())}
+    say(f"test cohorts ready ({len(cohorts)} x {a.test_cases} cases, {time.perf_counter() - t0:.0f} s)")
+    cases: list[dict[str, Any]] = []
+    train_s: dict[str, float] = {}
+    for cfg in configs:
+        world, aug = CONFIGS[cfg]
+        data = make_cohort(a.work / f"train_{world}", a.cases, 0, world, None)
+        run = a.work / f"run_{world}_{aug}"
+        t1 = time.perf_counter()
+        train_s[cfg] = train(data, run, aug, a.folds)
+        say(f"{cfg}: trained ({time.perf_counter() - t1:.0f} s, {train_s[cfg]:.0f} s per fold)")
+        for name, cohort in cohorts.items():
+            rows = score(run, cohort, a.work / "pred" / run.name / name.replace(" ", "_"))
+            for r in rows:
+                cases.append({"config": cfg, "cohort": name, **r})
+            dsc = [float(r["dsc"]) for r in rows]
+            say(f"  {name}: DSC {sum(dsc) / len(dsc):.3f}, QC not ok {sum(r['qc'] != 'ok' for r in rows)}/{len(rows)}")
+    summary = summarise(cases, train_s)
+    suffix = "_quick" if a.quick else ""
+    write_csv(cases, a.out / f"shift_cases{suffix}.csv")
+    write_csv(summary, a.out / f"shift_summary{suffix}.csv")
+    print(markdown(summary))
+    say(f"done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
