@@ -69,6 +69,7 @@ def make_cohort(out: Path, n: int, seed: int, world: str, shift: Any) -> Path:
     from femurseg.data.synth import synthesize
 
     if not (out / "dataset.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
         synthesize(out, n=n, modality="mr", seed=seed, variation=world, shift=shift, progress=False)
     return out
 
@@ -96,11 +97,12 @@ def score(run: Path, cohort: Path, out: Path) -> list[dict[str, Any]]:
 
     if out.exists():
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     predict_command(run, [cohort / "imagesTr"], out, progress=False, echo=lambda _m: None, notify=lambda _m: None)
     qc = {}
     with open(out / "predictions.csv") as f:
-        for r in csv.DictReader(f):
-            qc[r["case"]] = (r["qc"], r["qc_reasons"])
+        for r in csv.DictReader(f):  # keyed like the evaluation rows: the mask's name
+            qc[Path(r["mask"]).name.removesuffix(".nii.gz")] = (r["qc"], r["qc_reasons"])
     rows = evaluate_folders(out, cohort / "labelsTr", progress=False, notify=lambda _m: None)
     for r in rows:
         r["qc"], r["qc_reasons"] = qc.get(r["case"], ("missing", ""))

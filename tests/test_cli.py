@@ -65,3 +65,25 @@ def test_usage_errors_are_not_tracebacks():
     for args in (["nosuchcmd"], ["check"]):
         r = femurseg(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "Usage" in r.stderr
+
+
+def test_synth_world_and_shift_options(tmp_path):
+    import json
+
+    out = tmp_path / "ph"
+    r = femurseg("synth", out, "--n", "2", "--size", "40,40,12", "--variation", "narrow", "--shift", "head,noise_bias")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert {m["variation"] for m in meta.values()} == {"narrow+head+noise_bias"}
+    assert all(26.0 <= m["head_radius_mm"] <= 29.0 for m in meta.values())
+    r = femurseg("synth", tmp_path / "bad", "--n", "1", "--size", "40,40,12", "--shift", "colour")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "colour" in r.stderr
+
+
+def test_training_options_take_an_augmentation_preset():
+    from femurseg.cli import _training_options
+    from femurseg.data.augment import AugmentConfig
+
+    opts = _training_options(*([None] * 18), augment="flip")
+    assert opts["aug_cfg"] == AugmentConfig().to_dict()
+    assert "aug_cfg" not in _training_options(*([None] * 18))

@@ -307,7 +307,7 @@ def demo(
 
 def _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs, min_epochs,
                       patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                      precision=None) -> dict:
+                      precision=None, augment=None) -> dict:
     """Partial model / preprocessing / training dicts from the shared cv/train options (None = preset)."""
     model_cfg = {k: v for k, v in {"name": model, "features": features, "levels": levels, "norm": norm,
                                    "dropout": dropout}.items() if v is not None}
@@ -328,11 +328,18 @@ def _training_options(model, features, levels, dilations, norm, dropout, loss, l
                                "precision": precision}.items() if v is not None}
     if patch_size is not None:
         train["patch_size"] = list(_parse_ints(patch_size, 3, "--patch-size"))
-    return {"model_cfg": model_cfg or None, "prep_cfg": prep or None, "train_cfg": train or None}
+    out = {"model_cfg": model_cfg or None, "prep_cfg": prep or None, "train_cfg": train or None}
+    if augment is not None:
+        from femurseg.data.augment import AugmentConfig
+
+        out["aug_cfg"] = AugmentConfig.preset(augment).to_dict()
+    return out
 
 
 _PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AVX512-BF16/AMX, float32 on other "
                    "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
+_AUGMENT_HELP = ("Augmentation: default (the default preset's: rotations, zoom, elastic, noise, blur, bias, "
+                 "brightness, contrast, low resolution, gamma, mirror) or flip (the mirror only; the paper preset's).")
 _MODEL_HELP = "Architecture: unet3d, unet2d, unet2d-unpadded, vnet, patchcnn (see `femurseg models`)."
 
 
@@ -367,6 +374,7 @@ def cv(
     normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
     precision: Optional[str] = typer.Option(None, help=_PRECISION_HELP),
+    augment: Optional[str] = typer.Option(None, help=_AUGMENT_HELP),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last complete epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -382,7 +390,7 @@ def cv(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision)
+                             precision, augment)
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     if task == "cascade":
         from femurseg.ct.evaluate import format_cascade_report
@@ -447,6 +455,7 @@ def train(
     normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
     precision: Optional[str] = typer.Option(None, help=_PRECISION_HELP),
+    augment: Optional[str] = typer.Option(None, help=_AUGMENT_HELP),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -457,7 +466,7 @@ def train(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision)
+                             precision, augment)
     res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
                     overwrite=overwrite, device=device, dist=_ddp_group(ddp, device), **opts)
     _echo_cv_summary(res.summary, out)
