@@ -10,9 +10,11 @@ has) with ``femurseg predict`` (the run's threshold, post-processing and per-sca
 ``femurseg.evaluation.evaluate`` scores them against the phantoms' labels. The configurations:
 
 * ``narrow + flip``: the phantom world and augmentation femurseg had before (the mirror only);
-* ``narrow + aug``: the same data with the default augmentation (``AugmentConfig.preset("default")``);
+* ``narrow + nnunet aug``: the same data with nnU-Net v2's augmentation set (``AugmentConfig.preset("nnunet")``);
 * ``wide + flip``: the wide phantom world (``femurseg.data.phantom.variation("wide")``) without it;
-* ``wide + aug``: both (today's default).
+* ``wide + nnunet aug``: both;
+* ``wide + light aug``: the wide world with the lighter set (``AugmentConfig.preset("light")``;
+  today's default).
 
 The test cohorts are the narrow world (in-domain for the first two), the wide world, and the
 narrow world with each factor group of ``femurseg.data.phantom.SHIFTS`` moved beyond its range
@@ -44,9 +46,10 @@ from common import RESULTS, machine_info, say, write_csv  # noqa: E402
 
 CONFIGS: dict[str, tuple[str, str]] = {  # name -> (phantom world, augmentation preset)
     "narrow + flip": ("narrow", "flip"),
-    "narrow + aug": ("narrow", "default"),
+    "narrow + nnunet aug": ("narrow", "nnunet"),
     "wide + flip": ("wide", "flip"),
-    "wide + aug": ("wide", "default"),
+    "wide + nnunet aug": ("wide", "nnunet"),
+    "wide + light aug": ("wide", "light"),
 }
 TEST_SEED = 1000  # test cohorts are drawn from seeds no training cohort (seed 0) uses
 
@@ -101,12 +104,18 @@ def score(run: Path, cohort: Path, out: Path) -> list[dict[str, Any]]:
     predict_command(run, [cohort / "imagesTr"], out, progress=False, echo=lambda _m: None, notify=lambda _m: None)
     qc = {}
     with open(out / "predictions.csv") as f:
-        for r in csv.DictReader(f):  # keyed like the evaluation rows: the mask's name
-            qc[Path(r["mask"]).name.removesuffix(".nii.gz")] = (r["qc"], r["qc_reasons"])
+        for r in csv.DictReader(f):  # the evaluation names a case without the channel suffix
+            qc[r["case"].removesuffix("_0000")] = (r["qc"], r["qc_reasons"])
     rows = evaluate_folders(out, cohort / "labelsTr", progress=False, notify=lambda _m: None)
     for r in rows:
         r["qc"], r["qc_reasons"] = qc.get(r["case"], ("missing", ""))
     return rows
+
+
+def vol_rel_err_pct(row: dict[str, Any]) -> float:
+    """Signed volume error of one case in % of the reference volume (NaN for an empty reference)."""
+    ref = float(row["vol_ref_cm3"])
+    return 100.0 * float(row["vol_diff_cm3"]) / ref if ref > 0 else float("nan")
 
 
 def summarise(cases: list[dict[str, Any]], train_s: dict[str, float]) -> list[dict[str, Any]]:
@@ -119,7 +128,8 @@ def summarise(cases: list[dict[str, Any]], train_s: dict[str, float]) -> list[di
         rows = [r for r in cases if r["config"] == cfg and r["cohort"] == cohort]
         row: dict[str, Any] = {"config": cfg, "cohort": cohort, "n": len(rows)}
         for m in ("dsc", "precision", "recall", "asd_mm", "hd95_mm", "vol_rel_err_pct"):
-            v = np.array([float(r[m]) for r in rows if r.get(m) not in (None, "")], float)
+            v = np.array([float(r[m]) if m != "vol_rel_err_pct" else vol_rel_err_pct(r) for r in rows
+                          if (r.get(m) if m != "vol_rel_err_pct" else r.get("vol_ref_cm3")) not in (None, "")], float)
             v = v[np.isfinite(v)]
             row[f"{m}_mean"] = float(v.mean()) if v.size else float("nan")
             row[f"{m}_sd"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")

@@ -159,11 +159,11 @@ def test_shift_benchmark_cohorts_summary_and_table():
     assert set(bench_shift.test_cohorts(quick=True)) == {"narrow", "wide", "all shifts"}
     cases = [{"config": c, "cohort": co, "case": f"hip_{i}", "dsc": d + 0.01 * i, "precision": 0.9, "recall": 0.9,
               "asd_mm": 1.0, "hd95_mm": 4.0, "vol_rel_err_pct": 2.0, "qc": "ok" if i else "warn"}
-             for c, d in (("wide + aug", 0.95), ("narrow + flip", 0.90)) for co in ("narrow", "all shifts")
+             for c, d in (("wide + light aug", 0.95), ("narrow + flip", 0.90)) for co in ("narrow", "all shifts")
              for i in range(3)]
-    summary = bench_shift.summarise(cases, {"wide + aug": 30.0, "narrow + flip": 20.0})
-    assert [r["config"] for r in summary] == ["narrow + flip"] * 2 + ["wide + aug"] * 2  # CONFIGS order
-    row = next(r for r in summary if r["config"] == "wide + aug" and r["cohort"] == "narrow")
+    summary = bench_shift.summarise(cases, {"wide + light aug": 30.0, "narrow + flip": 20.0})
+    assert [r["config"] for r in summary] == ["narrow + flip"] * 2 + ["wide + light aug"] * 2  # CONFIGS order
+    row = next(r for r in summary if r["config"] == "wide + light aug" and r["cohort"] == "narrow")
     assert row["n"] == 3 and abs(row["dsc_mean"] - 0.96) < 1e-9 and abs(row["qc_not_ok"] - 1 / 3) < 1e-9
     table = bench_shift.markdown(summary)
     assert table.splitlines()[0].startswith("| test cohort | narrow + flip: DSC")

@@ -183,7 +183,7 @@ def test_augment_is_reproducible_and_keeps_labels_valid():
 
 
 def test_default_augmentation_is_reproducible_per_seed_and_changes_the_batch():
-    cfg = AugmentConfig.preset("default")
+    cfg = AugmentConfig.preset("nnunet")
     assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
     img, lab = _batch((12, 16, 16))
     img = img.repeat(4, 1, 1, 1, 1)

