@@ -241,3 +241,43 @@ def test_report_renders_in_headless_chromium(compared, tmp_path):
     assert m, r.stdout[-2000:]
     images, broken, remote, tables = map(int, m.groups())
     assert images >= 4 and broken == 0 and remote == 0 and tables >= 2
+
+
+def test_report_quality_control_of_out_of_fold_masks(compared, tmp_path):
+    """The report checks each out-of-fold mask as `femurseg predict` checks a scan: an empty mask
+    fails, a mask with a second large blob warns, the others are ok; the verdicts are in
+    table_qc.csv, per_case.csv, the headline and report.html."""
+    from femurseg.data.dataset import load_dataset
+    from femurseg.inference.qc import image_features, mask_features, reference_from_cases, write_reference
+
+    root, runs, _, _ = compared
+    run = tmp_path / "run_qc"
+    shutil.copytree(runs[1], run)
+    ds = load_dataset(json.loads((run / "config.json").read_text())["dataset"])
+    feats = {}
+    for c in ds.cases:
+        img, lab = io.read_image(c.image), io.read_image(c.label)
+        feats[c.case_id] = (image_features(img.data, img.spacing), mask_features(lab.data > 0, img.spacing))
+    write_reference(run, reference_from_cases(feats))
+    like = io.read_image(ds.case("hip_0001").image)
+    io.write_like(run / "oof" / "hip_0001.nii.gz", np.zeros(SHAPE, np.float32), like)
+    blob = io.read_image(run / "oof" / "hip_0003.nii.gz").data.copy()
+    blob[:, 0:6, 29:36] = 1.0
+    io.write_like(run / "oof" / "hip_0003.nii.gz", blob.astype(np.float32), like)
+
+    hl = run_compare([RunSpec(run, name="3D")], tmp_path / "rep", panels=False, progress=False)
+    rows = {r["case"]: r for r in read_csv(tmp_path / "rep" / "table_qc.csv")}
+    assert set(rows) == {f"hip_{i:04d}" for i in range(6)}
+    assert rows["hip_0001"]["qc"] == "fail" and "empty mask" in rows["hip_0001"]["qc_reasons"]
+    assert rows["hip_0003"]["qc"] == "warn" and "large components" in rows["hip_0003"]["qc_reasons"]
+    assert all(rows[c]["qc"] == "ok" for c in ("hip_0000", "hip_0002", "hip_0004", "hip_0005")), rows
+    assert all(r["reference"] == "yes" for r in rows.values())
+    assert hl["qc"] == {"ok": 4, "warn": 1, "fail": 1}
+    per_case = {r["case"]: r for r in read_csv(tmp_path / "rep" / "per_case.csv")}
+    assert per_case["hip_0001"]["qc"] == "fail" and per_case["hip_0000"]["qc"] == "ok"
+    text = (tmp_path / "rep" / "report.html").read_text()
+    assert "Quality control of the out-of-fold masks" in text and "empty mask" in text
+
+    # the check can be switched off (no table, no section)
+    hl2 = run_compare([RunSpec(run, name="3D")], tmp_path / "rep2", panels=False, qc=False, progress=False)
+    assert "qc" not in hl2 and not (tmp_path / "rep2" / "table_qc.csv").exists()

@@ -221,14 +221,17 @@ def compare(
     gt: Optional[Path] = typer.Option(None, "--gt", help="Reference labels overriding the runs' datasets."),
     postprocess: Optional[str] = typer.Option(None, "--postprocess", help="Post-processing for every run (none, lcc, ...; default: each run's)."),
     no_panels: bool = typer.Option(False, "--no-panels", help="Skip the case panels and 3D surfaces."),
+    no_qc: bool = typer.Option(False, "--no-qc", help="Skip the quality control of the out-of-fold masks (table_qc.csv)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Compare runs on their common cases: Tables 1-4, ROC/PR, box plots, volume agreement, case panels, report.html."""
+    from femurseg.ct.regions import femoral_head_check
     from femurseg.evaluation.compare import format_headline, run_compare
 
     split = lambda t: [x.strip() for x in t.split(",") if x.strip()] if t else None  # noqa: E731
     hl = run_compare(runs, out, names=split(names), metric=metric, cases=split(cases), gt=gt,
-                     postprocess=postprocess, panels=not no_panels, progress=not quiet)
+                     postprocess=postprocess, panels=not no_panels, qc=not no_qc,
+                     qc_checks=(femoral_head_check,), progress=not quiet)
     typer.echo(format_headline(hl))
 
 

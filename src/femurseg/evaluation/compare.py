@@ -375,6 +375,83 @@ def case_panels(
     return results
 
 
+def qc_rows(model: ModelResult, cases: Sequence[str], gt: str | os.PathLike | None = None,
+            checks: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Quality control of a run's out-of-fold masks, one row per case: ``case``, ``qc``
+    (``ok``/``warn``/``fail``), ``qc_reasons``, ``dsc`` and the checked values.
+
+    Each mask (the run's threshold and post-processing, as evaluated) is checked against its
+    image and the run's ``qc_reference.json`` with :func:`femurseg.inference.qc.assess`, the
+    checks ``femurseg predict`` makes, so the report shows whether QC would have flagged the cases
+    that segment badly. A case predicted by one fold model has no fold agreement to check.
+    ``checks``: further mask checks (:data:`femurseg.inference.qc.MaskCheck`). Empty for a results
+    CSV (no masks)."""
+    from femurseg.evaluation import evaluate as ev
+    from femurseg.inference.qc import assess, load_reference
+
+    e = model.evaluation
+    if e is None:
+        return []
+    reference = load_reference(e.run)
+    refs = ev.reference_files(gt) if gt is not None else ev.reference_files(e.dataset)
+    bc = model.by_case
+    rows = []
+    for case in cases:
+        arrays = ev.run_case_arrays(e, case, refs)
+        img = _image_for(e.dataset if gt is None else Path(gt), case)
+        if img is None or img.data.shape != arrays["mask"].shape:
+            continue
+        rec = assess(img.data, img.spacing, arrays["mask"], prob=arrays["prob"], reference=reference,
+                     checks=checks)
+        m = rec["mask"]
+        rows.append({"model": model.name, "case": case, "qc": rec["verdict"],
+                     "qc_reasons": " | ".join(rec["reasons"]), "dsc": _float(bc.get(case, {}).get("dsc")),
+                     "volume_cm3": round(m["volume_cm3"], 2), "components": int(m["components"]),
+                     "entropy_bits": None if rec["entropy_bits"] is None else round(rec["entropy_bits"], 4),
+                     "smoothness": round(rec["image"]["smoothness"], 3),
+                     "reference": "yes" if rec["reference"] else "no"})
+    return rows
+
+
+def qc_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """``{"ok": n, "warn": n, "fail": n}`` over :func:`qc_rows` rows."""
+    return {v: sum(1 for r in rows if r["qc"] == v) for v in ("ok", "warn", "fail")}
+
+
+def qc_blocks(models: Sequence[ModelResult], rows: Sequence[Mapping[str, Any]], H: Any) -> list[Any]:
+    """The report's quality-control section: verdict counts per model and every case not ``ok``."""
+    summary = []
+    for m in models:
+        mine = [r for r in rows if r["model"] == m.name]
+        if not mine:
+            continue
+        c = qc_counts(mine)
+        flagged = [r for r in mine if r["qc"] != "ok"]
+        dsc_ok = [r["dsc"] for r in mine if r["qc"] == "ok" and math.isfinite(r["dsc"])]
+        dsc_fl = [r["dsc"] for r in flagged if math.isfinite(r["dsc"])]
+        summary.append({"model": m.name, "cases": str(len(mine)), "ok": str(c["ok"]), "warn": str(c["warn"]),
+                        "fail": str(c["fail"]),
+                        "DSC of ok cases": f"{np.mean(dsc_ok):.3f}" if dsc_ok else "-",
+                        "DSC of flagged cases": f"{np.mean(dsc_fl):.3f}" if dsc_fl else "-"})
+    flagged_rows = [{"model": r["model"], "case": r["case"], "QC": r["qc"], "DSC": f"{r['dsc']:.3f}",
+                     "reasons": r["qc_reasons"]} for r in rows if r["qc"] != "ok"]
+    out: list[Any] = [
+        H.Heading("Quality control of the out-of-fold masks"),
+        H.Table(summary, list(summary[0]), csv="table_qc.csv",
+                caption="Each out-of-fold mask checked against its image and the run's qc_reference.json as "
+                        "femurseg predict checks a new scan (femurseg.inference.qc: constant or structureless "
+                        "image, intensities of another modality, empty mask, femur volume outside the training "
+                        "range, several large components, no femoral head). One fold model predicts each case, "
+                        "so the fold-agreement check of femurseg predict is not made here. QC sees only the "
+                        "image and the mask: a mask that is consistently too small can pass.")]
+    if flagged_rows:
+        out.append(H.Table(flagged_rows, ["model", "case", "QC", "DSC", "reasons"],
+                           caption="Cases with a warn or fail verdict and the reasons."))
+    else:
+        out.append(H.Paragraph("Every checked case is ok."))
+    return out
+
+
 # --------------------------------------------------------------------------------- main
 
 
@@ -427,6 +504,8 @@ def run_compare(
     postprocess: str | None = None,
     title: str | None = None,
     panels: bool = True,
+    qc: bool = True,
+    qc_checks: Sequence[Any] = (),
     progress: bool = True,
     notify: Notify = _stderr,
 ) -> dict[str, Any]:
@@ -443,10 +522,15 @@ def run_compare(
         gt: reference labels overriding the runs' datasets.
         postprocess: post-processing mode overriding every run's (e.g. ``"lcc"``).
         panels: draw the case panels and meshes.
+        qc: check every run's out-of-fold masks as ``femurseg predict`` checks a scan
+            (:func:`qc_rows`; ``table_qc.csv`` and a report section).
+        qc_checks: further mask checks for the QC (e.g.
+            :func:`femurseg.ct.regions.femoral_head_check`).
 
     Returns:
         :func:`headline` numbers plus ``report`` (path of report.html), ``cases`` (compared case
-        ids) and ``files`` (every file written, relative to ``out``).
+        ids), ``qc`` (the first model's :func:`qc_counts`, when checked) and ``files`` (every file
+        written, relative to ``out``).
     """
     from femurseg.core.tables import write_csv
     from femurseg.evaluation.report import figures
@@ -499,6 +583,17 @@ def run_compare(
         bc = m.by_case
         for c in common:
             long_rows.append({"model": m.name, **bc[c]})
+    qc_all: list[dict[str, Any]] = []
+    if qc:
+        for m in models:
+            qc_all += qc_rows(m, common, gt, qc_checks)
+    if qc_all:
+        by = {(r["model"], r["case"]): r for r in qc_all}
+        for r in long_rows:
+            q = by.get((r["model"], r["case"]))
+            if q is not None:
+                r["qc"], r["qc_reasons"] = q["qc"], q["qc_reasons"]
+        files.append(write_csv(qc_all, outp / "table_qc.csv").name)
     files.append(write_csv(long_rows, outp / "per_case.csv").name)
 
     # figures
@@ -514,6 +609,10 @@ def run_compare(
         hl_boxes["AP (median)"] = f"{hl['median_ap']:.3f}"
     if hl["seconds_per_case"] is not None:
         hl_boxes["inference"] = f"{hl['seconds_per_case']:.2f} s / subject"
+    first_qc = [r for r in qc_all if r["model"] == models[0].name]
+    if first_qc:
+        hl["qc"] = qc_counts(first_qc)
+        hl_boxes["QC ok / warn / fail"] = "{ok} / {warn} / {fail}".format(**hl["qc"])
     blocks.append(H.Headline(hl_boxes))
     src_rows = []
     for m in models:
@@ -545,6 +644,8 @@ def run_compare(
                                    + "; ".join(f"[{i + 1}] {m.name}" for i, m in enumerate(models))
                                    + "). ns p ≥ 0.05, * p < 0.05, ** p < 0.01, *** p < 0.001."),
                    H.Link([("table_significance_pairs.csv", "p-values of every pair (raw and Holm-adjusted)")])]
+    if qc_all:
+        blocks += qc_blocks(models, qc_all, H)
     curves = {m.name: m.curves for m in models if m.curves is not None}
     if curves:
         ops = {m.name: m.evaluation.threshold for m in models if m.evaluation is not None}
@@ -634,5 +735,8 @@ def format_headline(hl: Mapping[str, Any]) -> str:
         if h.get("seconds_per_case") is not None:
             s += f", {h['seconds_per_case']:.2f} s/subject"
         lines.append(s)
+    if hl.get("qc"):
+        lines.append("QC of the first model's out-of-fold masks: {ok} ok, {warn} warn, {fail} fail "
+                     "(table_qc.csv)".format(**hl["qc"]))
     lines.append(f"report: {hl['report']}")
     return "\n".join(lines)

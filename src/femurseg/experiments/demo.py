@@ -27,6 +27,7 @@ DEMO_MODEL = {"name": "unet3d", "features": 16, "levels": 3, "dilations": [1, 2,
 def run_demo(out: str | os.PathLike = "demo_out", n: int = 16, seed: int = 0, folds: int = 4,
              max_epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the demo into ``out``; returns the headline numbers (see :func:`compare.headline`)."""
+    from femurseg.ct.regions import femoral_head_check
     from femurseg.data.synth import synthesize
     from femurseg.evaluation.compare import run_compare
     from femurseg.inference.run import is_run
@@ -51,7 +52,8 @@ def run_demo(out: str | os.PathLike = "demo_out", n: int = 16, seed: int = 0, fo
                resume=run_dir.exists(), progress=progress)
     t_cv = time.perf_counter() - t0 - t_data
     _say(f"[3/4] evaluating the out-of-fold predictions and [4/4] writing the report -> {report}")
-    hl = run_compare([run_dir], report, names=["3D U-Net dilated (1,2,4,8)"], progress=progress)
+    hl = run_compare([run_dir], report, names=["3D U-Net dilated (1,2,4,8)"],
+                     qc_checks=(femoral_head_check,), progress=progress)
     hl["seconds_data"] = round(t_data, 1)
     hl["seconds_cv"] = round(t_cv, 1)
     hl["seconds_total"] = round(time.perf_counter() - t0, 1)
@@ -71,6 +73,7 @@ def format_summary(hl: dict[str, Any]) -> str:
         f"  ASD                   {hl['mean_asd_mm']:.2f} mm",
         f"  MSD                   {hl['mean_msd_mm']:.2f} mm",
         f"  AP (median)           {hl['median_ap']:.3f}",
+        ("  QC ok / warn / fail   {ok} / {warn} / {fail}".format(**hl["qc"]) if hl.get("qc") else "  QC                    n/a"),
         f"  inference             {spc:.2f} s per subject" if spc is not None else "  inference             n/a",
         f"  wall time             {hl['seconds_total']:.0f} s (data {hl['seconds_data']:.0f} s, cv {hl['seconds_cv']:.0f} s)",
         f"  report                {hl['report']}",
