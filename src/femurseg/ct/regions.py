@@ -96,6 +96,12 @@ REGION_LABELS: dict[str, int] = {"background": 0, "head": 1, "neck": 2, "trochan
 REGION_NAMES: tuple[str, ...] = ("head", "neck", "trochanter", "intertrochanter")
 
 MIN_COVERAGE = 0.45
+MIN_HEAD_OFFSET = 0.5
+"""Least distance of the head centre from the shaft axis, in head radii. A femur's head sits a
+femoral offset (typically 35-45 mm) medial of the shaft axis; a valgus neck that is also short
+brings it to about one head radius (the wide phantom world's neck-shaft angles up to 146 degrees
+and necks from 38 mm do: 3 of 60 reference labels had 0.95-0.98 radii). A cylinder or a ball,
+whose widest part lies on the axis, stays near 0."""
 """Fraction of the head sphere's directions that must carry surface points of the mask."""
 
 
@@ -472,7 +478,7 @@ def fit_femur(mask: np.ndarray, spacing: tuple[float, float, float], *, shaft_fr
     coverage = _coverage(u, probe)
     rms = float(np.sqrt(np.mean((np.linalg.norm(surf[inl] - c, axis=1) - r) ** 2))) if inl.any() else np.inf
     offset = float(_perp_dist(c[None], s_point, s_dir)[0])
-    if offset < r:
+    if offset < MIN_HEAD_OFFSET * r:
         raise _no_head(f"the widest proximal part, {r:.1f} mm in radius, lies {offset:.1f} mm from the shaft axis")
     if coverage < MIN_COVERAGE:
         raise _no_head(f"a sphere fits only {100 * coverage:.0f} % of the candidate head's surface, "
