@@ -109,3 +109,17 @@ def test_fit_tolerates_a_ragged_predicted_surface(case):
     assert abs(fit["head_radius_mm"] - meta["head_radius_mm"]) < TOL_RADIUS_MM
     assert abs(fit["neck_shaft_angle_deg"] - meta["neck_shaft_angle_deg"]) < TOL_ANGLE_DEG
     assert regions[2:5, -6:-3, 2:5].min() > 0  # the stray blob still gets a region
+
+
+def test_short_valgus_neck_still_has_a_head():
+    """The wide phantom world's extreme: a large head on a short, valgus neck sits about one head
+    radius from the shaft axis; its reference label must still pass the head check (QC) and split."""
+    from femurseg.ct.regions import femoral_head_check
+
+    ranges = dict(phantom.variation("wide").ranges)
+    ranges.update({"neck_shaft_angle": (146.0, 146.0), "neck_length": (38.0, 38.0), "head_radius": (28.0, 28.0)})
+    c = phantom.generate_case(5, variation=phantom.Variation("short-valgus", ranges), artefacts=False)
+    assert femoral_head_check(c.label > 0, c.spacing) == []
+    regions, fit = split_regions(c.label > 0, c.spacing)
+    assert set(np.unique(regions)) >= {1, 2, 3}
+    assert fit["head_radius_mm"] == pytest.approx(28.0, rel=0.15)
