@@ -518,6 +518,15 @@ def test_ct_benchmarks_reproduce_the_cascade_evaluation(tmp_path, capsys):
                                 progress=False)
     want = summary["mean_periosteal_dsc"]
     assert want > 0.2, want  # a partial segmentation (0.45 with these settings): the checks below are not 0 == 0
+    # another method's label maps are scored exactly as the cascade's (the nnU-Net benchmark's path)
+    from femurseg.ct.evaluate import evaluate_label_folder
+
+    rows, again = evaluate_label_folder(run / "oof_labels", ds.root, progress=False)
+    assert len(rows) == 4 and again["mean_periosteal_dsc"] == pytest.approx(want, abs=1e-9)
+    assert again["mean_cortical_asd_mm"] == pytest.approx(summary["mean_cortical_asd_mm"], abs=1e-9)
+    for regions, table in summary["volume_errors"].items():
+        for key, errs in table.items():
+            assert again["volume_errors"][regions][key] == pytest.approx(errs, rel=1e-9), (regions, key)
     importlib.import_module("ct_tta").main([str(run)])
     out = capsys.readouterr().out
     none = float(re.search(r"periosteal DSC: none ([0-9.]+), flip ([0-9.]+)", out).group(1))

@@ -41,13 +41,7 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
 
     from femurseg.core import io
     from femurseg.core.progress import progress as progress_bar
-    from femurseg.ct.measure import region_volume_pairs
     from femurseg.data.dataset import load_checked
-    from femurseg.evaluation.metrics import (
-        overlap_metrics,
-        surface_metrics,
-        volume_errors,
-    )
     from femurseg.inference.predict import load_predictor, predict_probability
     from femurseg.inference.run import load_run, write_json
 
@@ -60,8 +54,8 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
     split = load_run(runs1[0]).split
     (run_dir / "oof_labels").mkdir(exist_ok=True)
     predictors: dict[int, list[Any]] = {}
-    metric_rows, volume_rows = [], []
-    vols: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    metric_rows: list[dict[str, Any]] = []
+    volume_rows: list[dict[str, Any]] = []
     cases = [c for c in split.cases if all((r / "oof" / f"{c}.nii.gz").exists() for r in runs1)]
     thr1, thr2 = _ensemble_threshold(runs1, ds, cases, 1), _ensemble_threshold(runs2, ds, cases, 2)
     for cid in progress_bar(cases, desc="cascade evaluate", unit="case", disable=not progress, leave=False):
@@ -81,34 +75,71 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
             p2 = np.mean([predict_probability(p, masked) for p in predictors[k]], axis=0, dtype=np.float32)
             pred = combine_stages(peri, p2, thr2)
             io.write_like(out_path, pred, vol, np.uint8)
-        row: dict[str, Any] = {"case": cid, "fold": k}
-        for name, values in COMPARTMENTS.items():
-            pm, rm = np.isin(pred, values), np.isin(ref, values)
-            o = overlap_metrics(pm, rm)
-            row[f"{name}_dsc"] = o["dsc"]
-            row[f"{name}_asd_mm"] = surface_metrics(pm, rm, sp)["asd"]
-            row[f"{name}_sensitivity"] = o["recall"]
-            row[f"{name}_specificity"] = o["specificity"]
-        metric_rows.append(row)
-        # regional volumes: regions fitted on each mask, and the reference's regions
-        for v in region_volume_pairs(pred, ref, sp):
-            if v["fit_error"]:
-                row["region_error"] = v["fit_error"]
-            key = v["region"]  # both femurs of a bilateral scan pool into one row, as 003 pools its femurs
-            volume_rows.append({"case": cid, "side": v["side"], "region": v["region"], "compartment": v["compartment"],
-                                "ref_cm3": v["ref_cm3"], "pred_cm3": v["pred_cm3"],
-                                "pred_in_ref_regions_cm3": v["pred_in_ref_regions_cm3"]})
-            vols.setdefault(("own", key, v["compartment"]), []).append((v["pred_cm3"], v["ref_cm3"]))
-            vols.setdefault(("reference", key, v["compartment"]), []).append((v["pred_in_ref_regions_cm3"], v["ref_cm3"]))
-    for name, rows in (("cascade_metrics.csv", metric_rows), ("cascade_volumes.csv", volume_rows)):
-        if not rows:
-            continue
-        _write_rows(run_dir / name, rows)
-    summary: dict[str, Any] = {"task": CASCADE_TASK, "cases": len(metric_rows), "thresholds": {"stage1_pr": thr1, "stage2_pr": thr2}}
+        row, vrows = score_labels(pred, ref, sp)
+        metric_rows.append({"case": cid, "fold": k, **row})
+        volume_rows += [{"case": cid, **v} for v in vrows]
+    summary = summarise_scores(metric_rows, volume_rows, run_dir)
+    summary["thresholds"] = {"stage1_pr": thr1, "stage2_pr": thr2}
+    write_json(run_dir / "cascade_summary.json", summary)
+    return summary
+
+
+def score_labels(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One case's cascade scores: a predicted label map (0 background, 1 trabecular, 2 cortical)
+    against the reference on the same grid (spacing in mm).
+
+    Returns ``(row, volume_rows)``: per compartment of :data:`COMPARTMENTS` (periosteal {1, 2},
+    endosteal {1}, cortical {2}) ``<name>_dsc``, ``<name>_asd_mm``, ``<name>_sensitivity``,
+    ``<name>_specificity`` (plus ``region_error`` when the region fit failed on a mask), and one
+    row per side, region and compartment: ``ref_cm3``, ``pred_cm3`` (regions fitted on each mask
+    separately, as two software runs would) and ``pred_in_ref_regions_cm3`` (each predicted voxel
+    in the region of the nearest reference bone voxel: the segmentation error alone)."""
+    from femurseg.ct.measure import region_volume_pairs
+    from femurseg.evaluation.metrics import overlap_metrics, surface_metrics
+
+    pred, ref = np.asarray(pred).astype(np.uint8), np.asarray(ref).astype(np.uint8)
+    row: dict[str, Any] = {}
+    for name, values in COMPARTMENTS.items():
+        pm, rm = np.isin(pred, values), np.isin(ref, values)
+        o = overlap_metrics(pm, rm)
+        row[f"{name}_dsc"] = o["dsc"]
+        row[f"{name}_asd_mm"] = surface_metrics(pm, rm, spacing)["asd"]
+        row[f"{name}_sensitivity"] = o["recall"]
+        row[f"{name}_specificity"] = o["specificity"]
+    volume_rows = []
+    for v in region_volume_pairs(pred, ref, spacing):
+        if v["fit_error"]:
+            row["region_error"] = v["fit_error"]
+        volume_rows.append({"side": v["side"], "region": v["region"], "compartment": v["compartment"],
+                            "ref_cm3": v["ref_cm3"], "pred_cm3": v["pred_cm3"],
+                            "pred_in_ref_regions_cm3": v["pred_in_ref_regions_cm3"]})
+    return row, volume_rows
+
+
+def summarise_scores(metric_rows: list[dict[str, Any]], volume_rows: list[dict[str, Any]],
+                     out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Mean and SD of every :func:`score_labels` metric over cases and 003 Table 2's volume
+    errors (MAE, RMSE, relative error; :func:`femurseg.evaluation.metrics.volume_errors`) per
+    region and compartment, for the fitted (``own``) and the ``reference`` regions (both femurs of
+    a bilateral scan pool into one row, as 003 pools its femurs). With ``out_dir``, writes
+    ``cascade_metrics.csv`` and ``cascade_volumes.csv`` there."""
+    from femurseg.evaluation.metrics import volume_errors
+
+    if out_dir is not None:
+        for name, rows in (("cascade_metrics.csv", metric_rows), ("cascade_volumes.csv", volume_rows)):
+            if rows:
+                _write_rows(Path(out_dir) / name, rows)
+    summary: dict[str, Any] = {"task": CASCADE_TASK, "cases": len(metric_rows)}
     for key in (k for k in (metric_rows[0] if metric_rows else {}) if k not in ("case", "fold", "region_error")):
         v = np.array([r[key] for r in metric_rows], float)
         summary[f"mean_{key}"] = float(np.mean(v))
         summary[f"sd_{key}"] = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    vols: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for v in volume_rows:
+        vols.setdefault(("own", v["region"], v["compartment"]), []).append((v["pred_cm3"], v["ref_cm3"]))
+        vols.setdefault(("reference", v["region"], v["compartment"]), []).append(
+            (v["pred_in_ref_regions_cm3"], v["ref_cm3"]))
     table2: dict[str, Any] = {}
     for (regions, region, comp), pairs in vols.items():
         p = np.array([a for a, _ in pairs], float)
@@ -123,8 +154,35 @@ def evaluate_cascade(run_dir: str | Path, *, device: str | None = None, progress
         table2.setdefault(regions, {})[f"{region}/{comp}"] = e
     summary["volume_errors"] = table2
     summary["region_failures"] = [r["case"] for r in metric_rows if "region_error" in r]
-    write_json(run_dir / "cascade_summary.json", summary)
     return summary
+
+
+def evaluate_label_folder(pred_dir: str | Path, dataset: str | Path, *, progress: bool = True
+                          ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score a folder of ``<case>.nii.gz`` label maps (another method's, e.g. nnU-Net's) against a
+    CT dataset's labels exactly as :func:`evaluate_cascade` scores the cascade; returns the
+    per-case rows and :func:`summarise_scores`' summary. Cases without a prediction are skipped."""
+    from femurseg.core import io
+    from femurseg.core.errors import FemursegError
+    from femurseg.core.progress import progress as progress_bar
+    from femurseg.data.dataset import load_checked
+
+    ds = load_checked(dataset, progress=False)
+    pred_dir = Path(pred_dir)
+    metric_rows: list[dict[str, Any]] = []
+    volume_rows: list[dict[str, Any]] = []
+    cases = [c for c in ds.cases if (pred_dir / f"{c.case_id}.nii.gz").exists()]
+    if not cases:
+        raise FemursegError(f"{pred_dir}: no <case>.nii.gz label map of the dataset's cases")
+    for case in progress_bar(cases, desc="evaluate labels", unit="case", disable=not progress, leave=False):
+        ref_v = io.read_image(case.label, dtype=None)
+        pred_v = io.read_image(pred_dir / f"{case.case_id}.nii.gz", dtype=None)
+        if pred_v.data.shape != ref_v.data.shape:
+            raise FemursegError(f"{case.case_id}: prediction shape {pred_v.data.shape} != reference {ref_v.data.shape}")
+        row, vrows = score_labels(pred_v.data, ref_v.data, ref_v.spacing)
+        metric_rows.append({"case": case.case_id, **row})
+        volume_rows += [{"case": case.case_id, **v} for v in vrows]
+    return metric_rows, summarise_scores(metric_rows, volume_rows)
 
 
 # ----------------------------------------------------------------------------- the CT study
