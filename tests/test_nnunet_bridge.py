@@ -53,3 +53,53 @@ def test_trainer_source_compiles_and_main_needs_nnunet(monkeypatch, capsys):
     if "nnunetv2" in sys.modules or any(Path(p, "nnunetv2").exists() for p in sys.path if p):
         pytest.skip("nnunetv2 is installed here: main would run the benchmark")
     assert B.main(["--quick"]) == 2 and "nnunetv2 is not installed" in capsys.readouterr().out
+
+
+def test_ct_task_is_region_based(tmp_path):
+    """The CT task trains nnU-Net on the nested regions periosteal {1, 2} and endosteal {1}; the
+    regions are written back as labels 2 then 1 (cortical, then trabecular on top)."""
+    from femurseg.data.synth import synthesize
+
+    ds = synthesize(tmp_path / "d", n=2, modality="ct", shape=(16, 24, 24), spacing=(2.0, 2.0, 2.0), seed=1,
+                    progress=False)
+    task = B.TASKS["ct"]
+    out = B.link_raw_dataset(Path(ds.root), tmp_path / "raw", task)
+    assert out.name == "Dataset902_femursegCT" == task.dataset_name
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "periosteal": [1, 2], "endosteal": [1]}
+    assert meta["regions_class_order"] == [2, 1] and meta["channel_names"] == {"0": "CT"}
+    # painting the regions in that order gives back femurseg's labels
+    import numpy as np
+
+    lab = np.array([0, 1, 2, 2, 1, 0])
+    painted = np.zeros_like(lab)
+    for (name, values), value in zip(list(meta["labels"].items())[1:], meta["regions_class_order"]):
+        painted[np.isin(lab, values)] = value
+    assert np.array_equal(painted, lab)
+    with pytest.raises(ValueError, match="not all in the dataset"):
+        B.nnunet_dataset_json(meta | {"labels": {"background": 0, "femur": 1}}, 2, {"x": [1, 3]}, [1])
+    with pytest.raises(ValueError, match="regions_class_order"):
+        B.nnunet_dataset_json({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}}, 2,
+                              B.CT_REGIONS, [2])
+
+
+def test_budget_line_and_ct_summary(tmp_path):
+    (tmp_path / "training_log_2026_12_6.txt").write_text(
+        "...\nfemurseg budget: stopped after 3 epochs, 61.5 s of 60.0 s, 52 iterations\n")
+    assert B._budget_line(tmp_path) == (3, 61.5, 52)
+    with pytest.raises(RuntimeError, match="no budget line"):
+        B._budget_line(tmp_path / "missing")
+    rows = [{m: v for m in B.CT_METRICS} for v in (0.9, 0.8)]
+    ct_summary = {"volume_errors": {"own": {"head/total": {"re_mean_pct": 4.5}}}}
+    s = B._summary(rows, "ct", ct_summary)
+    assert s["periosteal_dsc_mean"] == pytest.approx(0.85) and s["cortical_asd_mm_sd"] == pytest.approx(0.0707, abs=1e-3)
+    assert s["vol_re_pct_head_total"] == 4.5 and s["vol_re_pct_neck_cortical"] != s["vol_re_pct_neck_cortical"]  # nan
+
+
+def test_run_records_wall_cpu_and_peak_memory(tmp_path):
+    c = B._run([sys.executable, "-c", "x = bytearray(60 * 2**20); print('ok')"], dict(__import__("os").environ),
+               tmp_path / "log.txt")
+    assert c["wall_s"] > 0 and c["cpu_s"] >= 0 and 60 <= c["peak_rss_mb"] < 1000
+    assert "ok" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(RuntimeError, match="failed"):
+        B._run([sys.executable, "-c", "raise SystemExit(3)"], {}, tmp_path / "log.txt")
