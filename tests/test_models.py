@@ -310,3 +310,26 @@ def test_cuda_forward_and_backward(key):
 def test_unet_class_direct_use():
     model = UNet(3, padded=True, features=2, levels=1)
     assert model.config["name"] == "unet3d" and build_model(model.config).config == model.config
+
+
+def test_deep_supervision_outputs_and_eval_mode():
+    m = build_model({"name": "unet3d", "features": 4, "levels": 3, "dilations": [1, 2], "deep_supervision": True})
+    x = torch.randn(1, 1, 21, 30, 34)  # padded to 24 x 32 x 40 inside
+    outs = m.train()(x)
+    assert isinstance(outs, tuple) and len(outs) == 3
+    assert [tuple(o.shape[2:]) for o in outs] == [(21, 30, 34), (11, 15, 17), (6, 8, 9)]
+    plain = m.eval()(x)
+    assert isinstance(plain, torch.Tensor) and plain.shape == (1, 2, 21, 30, 34)
+    torch.testing.assert_close(plain, outs[0].detach(), rtol=1e-4, atol=1e-4)  # same weights, same main head
+    rebuilt = build_model(m.config)
+    rebuilt.load_state_dict(m.state_dict())  # the auxiliary heads are part of the checkpoint
+    assert m.config["deep_supervision"] is True
+    # without deep supervision the state dict has no auxiliary heads (old checkpoints load)
+    assert not any("aux_heads" in k for k in build_model({"name": "unet3d", "features": 4, "levels": 3}).state_dict())
+
+
+def test_deep_supervision_needs_a_padded_unet():
+    with pytest.raises(ModelConfigError, match="padded"):
+        build_model({"name": "unet3d-unpadded", "features": 2, "levels": 1, "deep_supervision": True})
+    with pytest.raises(ModelConfigError, match="deep_supervision"):
+        build_model({"name": "unet3d", "features": 2, "levels": 1, "deep_supervision": "yes"})

@@ -98,6 +98,35 @@ def test_soft_dice_and_loss_names():
         get_loss("focal")
 
 
+def test_deep_supervision_loss_weights_and_targets():
+    from femurseg.training.losses import deep_supervision_loss
+
+    torch.manual_seed(0)
+    target = (torch.rand(1, 8, 8, 8) > 0.6).long()
+    full, half = torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 4, 4, 4)
+    fn = get_loss("dice-ce")
+    coarse = torch.nn.functional.interpolate(target[:, None].float(), size=(4, 4, 4), mode="nearest")[:, 0].long()
+    want = (1.0 * float(fn(full, target)) + 0.5 * float(fn(half, coarse))) / 1.5
+    assert float(deep_supervision_loss(fn, (full, half), target)) == pytest.approx(want, rel=1e-5)
+    assert float(deep_supervision_loss(fn, (full,), target)) == pytest.approx(float(fn(full, target)), rel=1e-6)
+
+
+def test_fit_with_deep_supervision_trains_and_predicts_plain_maps(tmp_path):
+    from femurseg.models import build_model
+    from femurseg.training.fit import Sample, TrainConfig, fit
+
+    rng = np.random.default_rng(0)
+    lab = np.zeros((8, 16, 16), np.uint8)
+    lab[2:6, 4:12, 4:12] = 1
+    samples = [Sample(f"c{i}", (lab + 0.3 * rng.standard_normal(lab.shape)).astype(np.float32), lab) for i in range(2)]
+    model = build_model({"name": "unet3d", "features": 4, "levels": 2, "norm": "instance", "deep_supervision": True})
+    res = fit(model, samples, samples[:1], TrainConfig(max_epochs=3, min_epochs=3, lr=5e-3, precision="fp32"),
+              out_dir=tmp_path, progress=False)
+    losses = [h["train_loss"] for h in res.history]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert isinstance(model.eval()(torch.zeros(1, 1, 8, 16, 16)), torch.Tensor)
+
+
 def _fitted_boundary_probability(loss: str) -> float:
     """Fit one free logit pair to 10 'boundary' voxels of which 2 are bone (a partial-volume
     voxel, posterior 0.2), beside 180 clear background and 10 clear bone voxels (bone fraction

@@ -310,10 +310,10 @@ def demo(
 
 def _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs, min_epochs,
                       patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                      precision=None, augment=None) -> dict:
+                      precision=None, augment=None, deep_supervision=None) -> dict:
     """Partial model / preprocessing / training dicts from the shared cv/train options (None = preset)."""
     model_cfg = {k: v for k, v in {"name": model, "features": features, "levels": levels, "norm": norm,
-                                   "dropout": dropout}.items() if v is not None}
+                                   "dropout": dropout, "deep_supervision": deep_supervision}.items() if v is not None}
     if dilations is not None:
         model_cfg["dilations"] = None if dilations.strip().lower() in ("", "none", "0") else list(_parse_ints(dilations, None, "--dilations"))
     prep = {}
@@ -359,6 +359,8 @@ def cv(
     dilations: Optional[str] = typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8 ('none' to switch off)."),
     norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
+    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision",
+                                                    help="U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."),
     folds: int = typer.Option(4, help="k of k-fold cross-validation (paper: 4)."),
     seed: int = typer.Option(0, help="Seed of the split, the initial weights and every epoch."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="--task cascade: train each stage with this many seeds and average them per fold (default 1)."),
@@ -394,7 +396,7 @@ def cv(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment)
+                             precision, augment, deep_supervision)
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     if task == "cascade":
         from femurseg.ct.evaluate import format_cascade_report
@@ -444,6 +446,8 @@ def train(
     dilations: Optional[str] = typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8."),
     norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
+    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision",
+                                                    help="U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."),
     val_fraction: float = typer.Option(0.2, help="Held-out fraction for early stopping (0: train on all cases)."),
     seed: int = typer.Option(0, help="Seed."),
     loss: Optional[str] = typer.Option(None, help="wce, wce-literal, ce, dice, dice-wce, dice-ce."),
@@ -470,7 +474,7 @@ def train(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment)
+                             precision, augment, deep_supervision)
     res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
                     overwrite=overwrite, device=device, dist=_ddp_group(ddp, device), **opts)
     _echo_cv_summary(res.summary, out)

@@ -19,12 +19,13 @@ from femurseg.models.patchcnn import PatchCNN
 from femurseg.models.unet import UNet
 from femurseg.models.vnet import VNet
 
-_UNET_OPTIONS = ("in_channels", "num_classes", "features", "levels", "dilations", "norm", "dropout", "init")
+_UNET_OPTIONS = ("in_channels", "num_classes", "features", "levels", "dilations", "norm", "dropout", "init", "deep_supervision")
 
 
 def _unet_defaults(in_channels: int) -> dict[str, Any]:
     return {"in_channels": in_channels, "num_classes": 2, "features": 32, "levels": 4,
-            "dilations": None, "norm": "none", "dropout": 0.0, "init": "xavier"}
+            "dilations": None, "norm": "none", "dropout": 0.0, "init": "xavier",
+            "deep_supervision": False}
 
 
 class _Entry(NamedTuple):

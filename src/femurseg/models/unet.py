@@ -131,6 +131,13 @@ class UNet(nn.Module):
 
     Attributes used elsewhere: ``spatial_dims``, ``in_channels``, ``num_classes``, ``padded``,
     ``size_divisor`` (= 2**levels), ``config`` (``build_model(model.config)`` rebuilds it).
+
+    ``deep_supervision`` (padded nets only; nnU-Net's ingredient): a 1x1 head on each decoder
+    output below full resolution. In training mode ``forward`` then returns the tuple
+    ``(logits, aux_1, ..., aux_{L-1})``, ``aux_k`` the logits at 1/2**k of the input size
+    (rounded up); in eval mode it returns the full-resolution logits alone, so inference and
+    ONNX export see the plain network. :func:`femurseg.training.losses.deep_supervision_loss`
+    weighs the outputs.
     """
 
     def __init__(
@@ -146,6 +153,7 @@ class UNet(nn.Module):
         norm: str = "none",
         dropout: float = 0.0,
         init: str = "xavier",
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
@@ -157,6 +165,10 @@ class UNet(nn.Module):
             dilations = [int(r) for r in dilations]
             if not dilations or any(r < 1 for r in dilations):
                 raise ModelConfigError(f"model config: dilations={dilations!r} must be a non-empty list of rates >= 1")
+        if not isinstance(deep_supervision, bool):
+            raise ModelConfigError(f"model config: deep_supervision={deep_supervision!r} must be true or false")
+        if deep_supervision and not padded:
+            raise ModelConfigError("model config: deep_supervision needs a padded U-Net")
 
         self.spatial_dims = spatial_dims
         self.padded = padded
@@ -175,7 +187,9 @@ class UNet(nn.Module):
             "norm": norm,
             "dropout": float(dropout),
             "init": init,
+            "deep_supervision": deep_supervision,
         }
+        self.deep_supervision = deep_supervision
 
         widths = [features * 2**k for k in range(levels + 1)]  # F, 2F, ..., F*2**L (centre)
         self.encoders = nn.ModuleList()
@@ -203,6 +217,10 @@ class UNet(nn.Module):
             self.decoders.append(ConvBlock(spatial_dims, 2 * widths[k], widths[k], padded=padded, norm=norm))
             channels = widths[k]
         self.head = conv_layer(spatial_dims)(channels, num_classes, kernel_size=1)
+        # one head per decoder output below full resolution, coarsest first (widths[L-1] .. widths[1])
+        self.aux_heads = nn.ModuleList(
+            conv_layer(spatial_dims)(widths[k], num_classes, kernel_size=1) for k in reversed(range(1, levels))
+        ) if deep_supervision else nn.ModuleList()
         init_weights(self, init)
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -225,8 +243,9 @@ class UNet(nn.Module):
         return unet_valid_input_size(n, self.levels, padded=self.padded, centre_shrinks=self.dilations is None)
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_channels, *S)`` -> logits ``(B, num_classes, *S_out)``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``(B, in_channels, *S)`` -> logits ``(B, num_classes, *S_out)`` (with deep supervision in
+        training mode: the tuple of the class docstring)."""
         check_input(x, self.spatial_dims, self.in_channels)
         if self.padded:
             x, crop_back = pad_to_multiple(x, self.size_divisor)
@@ -239,9 +258,23 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.centre(x)
-        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
+        aux: list[torch.Tensor] = []
+        supervise = self.deep_supervision and self.training
+        for k, (up, decoder, skip) in enumerate(zip(self.ups, self.decoders, reversed(skips), strict=True)):
             x = up(x)
             x = decoder(torch.cat([center_crop(skip, x.shape[2:]), x], dim=1))
+            if supervise and k < len(self.aux_heads):
+                aux.append(crop_to(self.aux_heads[k](x), _scaled_crop(crop_back, 2 ** (self.levels - 1 - k))))
         x = self.head(x)
-        return crop_to(x, crop_back) if self.padded else x
+        x = crop_to(x, crop_back) if self.padded else x
+        return (x, *reversed(aux)) if supervise else x
+
+
+def _scaled_crop(index: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
+    """The crop of :func:`pad_to_multiple` for an output ``factor`` times coarser (sizes rounded up)."""
+    out = list(index[:2])
+    for sl in index[2:]:
+        start = sl.start // factor
+        out.append(slice(start, start + -(-(sl.stop - sl.start) // factor)))
+    return tuple(out)
 

@@ -86,7 +86,7 @@ from femurseg.inference.tiling import (
     mirror_pad,
     predict_classes,
 )
-from femurseg.training.losses import LOSSES, get_loss
+from femurseg.training.losses import LOSSES, deep_supervision_loss, get_loss
 
 MONITORS = ("dice", "loss")
 LR_SCHEDULES = ("constant", "cosine")
@@ -608,7 +608,10 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 with prec.autocast():
                     logits = _forward(model, x, net)
-                loss = loss_fn(logits, y, fractions=frac)
+                if isinstance(logits, tuple):  # a U-Net with deep supervision, in training mode
+                    loss = deep_supervision_loss(loss_fn, logits, y, fractions=frac)
+                else:
+                    loss = loss_fn(logits, y, fractions=frac)
                 if not torch.isfinite(loss):
                     raise FemursegError(f"training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
                 scaler.scale(loss).backward()

@@ -43,7 +43,7 @@ difference of two surfaces) outwards; "ce" and "dice-ce" have no such shift.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,25 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     denom = prob.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + eps) / (denom + eps)
     return 1.0 - dice[1:].mean()
+
+
+def deep_supervision_loss(loss_fn: Callable[..., torch.Tensor], outputs: Sequence[torch.Tensor], target: torch.Tensor,
+                          fractions: torch.Tensor | None = None) -> torch.Tensor:
+    """nnU-Net's deep-supervision loss: ``sum_k w_k loss_fn(outputs[k], target_k)``.
+
+    ``outputs``: full-resolution logits ``(B, C, *S)`` first, then coarser ones (each ``S / 2**k``
+    rounded up, see :class:`femurseg.models.unet.UNet`). ``target_k`` is ``target`` ``(B, *S)``
+    resampled to output ``k``'s size by nearest neighbour; ``w_k = 2**-k``, normalised to sum 1.
+    """
+    weights = [2.0 ** -k for k in range(len(outputs))]
+    total = sum(weights)
+    loss = torch.zeros((), device=target.device)
+    for w, logits in zip(weights, outputs):
+        t = target
+        if tuple(logits.shape[2:]) != tuple(target.shape[1:]):
+            t = F.interpolate(target[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0].long()
+        loss = loss + (w / total) * loss_fn(logits, t, fractions=fractions)
+    return loss
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:
