@@ -346,3 +346,19 @@ def test_bf16_guard_for_depth_two_conv3d():
                   progress=False)
     assert np.isfinite(res.history[0]["train_loss"])
     assert res.precision["used"] == "fp32" and "depth 2" in res.precision["reason"]
+
+
+def test_learning_rate_schedules():
+    from femurseg.training.fit import TrainConfig, lr_at
+
+    const = TrainConfig(lr=1e-3, lr_schedule="constant", max_epochs=10)
+    assert [lr_at(const, e) for e in (1, 5, 10)] == [1e-3] * 3
+    cos = TrainConfig(lr=1e-3, lr_schedule="cosine", lr_min_factor=0.1, max_epochs=10)
+    assert lr_at(cos, 1) == pytest.approx(1e-3)
+    assert lr_at(cos, 6) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: the mean of peak and floor
+    poly = TrainConfig(lr=1e-3, lr_schedule="poly", max_epochs=10)
+    assert lr_at(poly, 1) == pytest.approx(1e-3)
+    assert lr_at(poly, 6) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert lr_at(poly, 3) > lr_at(poly, 4) > lr_at(poly, 10) > 0
+    with pytest.raises(FemursegError, match="--lr-schedule"):
+        TrainConfig(lr_schedule="step")

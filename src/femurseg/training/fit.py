@@ -89,7 +89,7 @@ from femurseg.inference.tiling import (
 from femurseg.training.losses import LOSSES, deep_supervision_loss, get_loss
 
 MONITORS = ("dice", "loss")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "poly")
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "lr", "best_epoch", "seconds")
 
 
@@ -101,9 +101,10 @@ class TrainConfig:
     Attributes:
         loss: one of :data:`femurseg.training.losses.LOSSES`.
         lr: Adam learning rate (the peak of the schedule).
-        lr_schedule: "constant" (paper) or "cosine": epoch e (1-based) uses
-            ``lr * (f + (1 - f) * (1 + cos(pi * (e - 1) / max_epochs)) / 2)`` with ``f = lr_min_factor``,
-            a function of the epoch only (exact on resume).
+        lr_schedule: "constant" (paper), "cosine" or "poly". Epoch e (1-based), ``t = (e - 1) / max_epochs``:
+            cosine ``lr * (f + (1 - f) * (1 + cos(pi * t)) / 2)`` with ``f = lr_min_factor``; poly
+            (nnU-Net's polyLR, per epoch instead of per iteration) ``lr * (1 - t) ** 0.9``. Both are
+            functions of the epoch only (exact on resume).
         lr_min_factor: the cosine schedule's final fraction of ``lr``.
         batch_size: volumes (3D) or slice stacks (2D) per step.
         max_epochs: hard limit on the number of epochs.
@@ -270,6 +271,8 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
         return float(cfg.lr)
     f = float(cfg.lr_min_factor)
     t = min(max(epoch - 1, 0), cfg.max_epochs) / max(cfg.max_epochs, 1)
+    if cfg.lr_schedule == "poly":
+        return float(cfg.lr * (1 - t) ** 0.9)
     return float(cfg.lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t))))
 
 
