@@ -87,3 +87,13 @@ def test_training_options_take_an_augmentation_preset():
     opts = _training_options(*([None] * 18), augment="flip")
     assert opts["aug_cfg"] == AugmentConfig().to_dict()
     assert "aug_cfg" not in _training_options(*([None] * 18))
+
+
+def test_training_options_take_deep_supervision_and_a_schedule():
+    from femurseg.cli import _training_options
+
+    opts = _training_options(*([None] * 18), deep_supervision=True, lr_schedule="poly")
+    assert opts["model_cfg"]["deep_supervision"] is True
+    assert opts["train_cfg"]["lr_schedule"] == "poly"
+    plain = _training_options(*([None] * 18))
+    assert "deep_supervision" not in (plain.get("model_cfg") or {}) and "lr_schedule" not in (plain.get("train_cfg") or {})

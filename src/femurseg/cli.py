@@ -310,7 +310,7 @@ def demo(
 
 def _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs, min_epochs,
                       patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                      precision=None, augment=None, deep_supervision=None) -> dict:
+                      precision=None, augment=None, deep_supervision=None, lr_schedule=None) -> dict:
     """Partial model / preprocessing / training dicts from the shared cv/train options (None = preset)."""
     model_cfg = {k: v for k, v in {"name": model, "features": features, "levels": levels, "norm": norm,
                                    "dropout": dropout, "deep_supervision": deep_supervision}.items() if v is not None}
@@ -326,7 +326,7 @@ def _training_options(model, features, levels, dilations, norm, dropout, loss, l
         prep["scale"] = scale
     if normalise is not None:
         prep["normalise"] = normalise
-    train = {k: v for k, v in {"loss": loss, "lr": lr, "batch_size": batch_size, "max_epochs": max_epochs,
+    train = {k: v for k, v in {"loss": loss, "lr": lr, "lr_schedule": lr_schedule, "batch_size": batch_size, "max_epochs": max_epochs,
                                "min_epochs": min_epochs, "patience": patience, "threads": threads,
                                "precision": precision}.items() if v is not None}
     if patch_size is not None:
@@ -369,6 +369,7 @@ def cv(
     inner_val: float = typer.Option(0.0, help="Fraction of each fold's training cases used for early stopping (0: the held-out fold, as the paper)."),
     loss: Optional[str] = typer.Option(None, help="wce (paper Eq. 1, inverse-frequency reading), wce-literal, ce, dice, dice-wce, dice-ce."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size."),
     max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop (paper: 30)."),
@@ -396,7 +397,7 @@ def cv(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment, deep_supervision)
+                             precision, augment, deep_supervision, lr_schedule)
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     if task == "cascade":
         from femurseg.ct.evaluate import format_cascade_report
@@ -452,6 +453,7 @@ def train(
     seed: int = typer.Option(0, help="Seed."),
     loss: Optional[str] = typer.Option(None, help="wce, wce-literal, ce, dice, dice-wce, dice-ce."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (per rank under --ddp)."),
     max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop."),
@@ -474,7 +476,7 @@ def train(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment, deep_supervision)
+                             precision, augment, deep_supervision, lr_schedule)
     res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
                     overwrite=overwrite, device=device, dist=_ddp_group(ddp, device), **opts)
     _echo_cv_summary(res.summary, out)
