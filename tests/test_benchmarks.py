@@ -168,3 +168,39 @@ def test_shift_benchmark_cohorts_summary_and_table():
     table = bench_shift.markdown(summary)
     assert table.splitlines()[0].startswith("| test cohort | narrow + flip: DSC")
     assert "| all shifts | 0.910 ± 0.010 / 4.0 | 0.960 ± 0.010 / 4.0 |" in table
+
+
+def test_ingredient_bench_scores_a_finished_run_with_and_without_tta(tmp_path, run3d):
+    """The ingredient bench reuses a finished run and scores its folds with and without flip TTA."""
+    import json
+    import shutil
+
+    import bench_ingredients
+    import numpy as np
+
+    from femurseg.core.io import make_volume, write_volume
+
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    (data / "dataset.json").write_text("{}")
+    rng = np.random.default_rng(0)
+    ids = [f"hip_{i:04d}" for i in range(4)]
+    for cid in ids:
+        lab = np.zeros((8, 16, 16), np.float32)
+        lab[2:6, 4:12, 3:9] = 1
+        write_volume(data / "imagesTr" / f"{cid}_0000.nii.gz", make_volume(lab + 0.2 * rng.standard_normal(lab.shape).astype(np.float32), (1.5, 1.0, 1.0)))
+        write_volume(data / "labelsTr" / f"{cid}.nii.gz", make_volume(lab, (1.5, 1.0, 1.0)), dtype=np.uint8)
+    run = tmp_path / "work" / "demo"
+    shutil.copytree(run3d, run)
+    (run / "split.json").write_text(json.dumps({"folds": [ids[:2], ids[2:]]}))
+    (run / "summary.json").write_text(json.dumps({"mean_dsc": 0.5, "sd_dsc": 0.1, "mean_precision": 0.5, "mean_recall": 0.5,
+                                                  "mean_asd_mm": 1.0, "seconds_total": 1.0}))
+    (run / "metrics.csv").write_text("case,dsc,precision,recall,asd_mm\n" + "".join(f"{c},0.5,0.5,0.5,1.0\n" for c in ids))
+    assert bench_ingredients.run_config("demo", data, tmp_path / "work") == run  # reused, not retrained
+    s, rows = bench_ingredients.score(run, data, "demo")
+    assert [r["case"] for r in rows] == ids and [r["fold"] for r in rows] == [0, 0, 1, 1]
+    for r in rows:
+        assert 0 <= r["dsc_tta_none"] <= 1 and 0 <= r["dsc_tta_flip"] <= 1 and r["dsc"] == 0.5
+    assert s["cases"] == 4 and s["threshold"] == 0.49
+    assert s["dsc_check"] == np.mean([r["dsc_tta_none"] for r in rows])
