@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-DEMO_MODEL = {"name": "unet3d", "features": 16, "levels": 3, "dilations": [1, 2, 4, 8]}
+from femurseg.experiments.demo import DEMO_MODEL  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "demo": {},
@@ -88,8 +88,7 @@ def score(run: Path, data: Path, name: str) -> tuple[dict[str, Any], list[dict[s
                 row[f"dsc_tta_{tta}"] = common.dice(mask, ref)
             rows.append(row)
     per = {r["case"]: r for r in rows}
-    metrics = list(csv_rows(run / "metrics.csv"))
-    for m in metrics:
+    for m in common.read_csv(run / "metrics.csv"):
         if m["case"] in per:
             per[m["case"]].update({k: float(m[k]) for k in ("dsc", "precision", "recall", "asd_mm")})
     s = {"config": name, "cases": len(rows),
@@ -100,13 +99,6 @@ def score(run: Path, data: Path, name: str) -> tuple[dict[str, Any], list[dict[s
          "dsc_check": float(np.mean([r["dsc_tta_none"] for r in rows])),
          "cv_seconds": summary["seconds_total"], "threshold": thr}
     return s, rows
-
-
-def csv_rows(path: Path):
-    import csv
-
-    with open(path, newline="") as f:
-        yield from csv.DictReader(f)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,6 +341,8 @@ def _training_options(model, features, levels, dilations, norm, dropout, loss, l
 
 _PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AVX512-BF16/AMX, float32 on other "
                    "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
+_DEEP_SUPERVISION_HELP = "U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."
+_LR_SCHEDULE_HELP = "constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."
 _AUGMENT_HELP = ("Augmentation preset: light (the default preset's: mirror, in-plane rotation, zoom, noise, bias, "
                  "brightness, contrast, gamma), nnunet (nnU-Net v2's full set: also tilt, elastic, blur, low "
                  "resolution) or flip (the mirror only; the paper preset's).")
@@ -360,7 +362,7 @@ def cv(
     norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
     deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision",
-                                                    help="U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."),
+                                                    help=_DEEP_SUPERVISION_HELP),
     folds: int = typer.Option(4, help="k of k-fold cross-validation (paper: 4)."),
     seed: int = typer.Option(0, help="Seed of the split, the initial weights and every epoch."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="--task cascade: train each stage with this many seeds and average them per fold (default 1)."),
@@ -369,7 +371,7 @@ def cv(
     inner_val: float = typer.Option(0.0, help="Fraction of each fold's training cases used for early stopping (0: the held-out fold, as the paper)."),
     loss: Optional[str] = typer.Option(None, help="wce (paper Eq. 1, inverse-frequency reading), wce-literal, ce, dice, dice-wce, dice-ce."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
-    lr_schedule: Optional[str] = typer.Option(None, help="constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."),
+    lr_schedule: Optional[str] = typer.Option(None, help=_LR_SCHEDULE_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Batch size."),
     max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop (paper: 30)."),
@@ -448,12 +450,12 @@ def train(
     norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
     deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision",
-                                                    help="U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."),
+                                                    help=_DEEP_SUPERVISION_HELP),
     val_fraction: float = typer.Option(0.2, help="Held-out fraction for early stopping (0: train on all cases)."),
     seed: int = typer.Option(0, help="Seed."),
     loss: Optional[str] = typer.Option(None, help="wce, wce-literal, ce, dice, dice-wce, dice-ce."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
-    lr_schedule: Optional[str] = typer.Option(None, help="constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."),
+    lr_schedule: Optional[str] = typer.Option(None, help=_LR_SCHEDULE_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (per rank under --ddp)."),
     max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop."),
