@@ -14,6 +14,8 @@ compares with the demo's directly:
 * ``poly``: nnU-Net's polyLR schedule instead of cosine (``--lr-schedule poly``);
 * ``levels-4``: one more U-Net level (``--levels 4``: more context, ~1.6x the step time);
 * ``kaiming-init``: PyTorch's default initialisation instead of the papers' Xavier;
+* ``sgd``: nnU-Net's optimiser, SGD with Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5, with
+  its polyLR (``--optimizer sgd --lr 1e-2 --weight-decay 3e-5 --lr-schedule poly``);
 * ``patches-48``: nnU-Net's patch sampling, 48^3 random patches (half of them centred on the
   femur) instead of whole volumes, with 28 epochs for about the same CPU time
   (``--patch-size 48,48,48 --max-epochs 28 --min-epochs 18``).
@@ -49,6 +51,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "poly": {"train": {"lr_schedule": "poly"}},
     "levels-4": {"model": {"levels": 4}},
     "kaiming-init": {"model": {"init": "default"}},
+    "sgd": {"train": {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 3e-5, "lr_schedule": "poly"}},
     "patches-48": {"train": {"patch_size": [48, 48, 48], "max_epochs": 28, "min_epochs": 18}},
 }
 

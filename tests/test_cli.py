@@ -97,3 +97,5 @@ def test_training_options_take_deep_supervision_and_a_schedule():
     assert opts["train_cfg"]["lr_schedule"] == "poly"
     plain = _training_options(*([None] * 18))
     assert "deep_supervision" not in (plain.get("model_cfg") or {}) and "lr_schedule" not in (plain.get("train_cfg") or {})
+    sgd = _training_options(*([None] * 18), optimizer="sgd", weight_decay=3e-5)["train_cfg"]
+    assert sgd["optimizer"] == "sgd" and sgd["weight_decay"] == 3e-5

@@ -362,3 +362,17 @@ def test_learning_rate_schedules():
     assert lr_at(poly, 3) > lr_at(poly, 4) > lr_at(poly, 10) > 0
     with pytest.raises(FemursegError, match="--lr-schedule"):
         TrainConfig(lr_schedule="step")
+
+
+def test_optimizers():
+    from femurseg.training.fit import TrainConfig, make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    adam = make_optimizer(TrainConfig(lr=1e-3), params)
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
+    sgd = make_optimizer(TrainConfig(optimizer="sgd", lr=1e-2, weight_decay=3e-5), params)
+    group = sgd.param_groups[0]
+    assert isinstance(sgd, torch.optim.SGD) and group["nesterov"] and group["momentum"] == 0.99
+    assert group["weight_decay"] == 3e-5
+    with pytest.raises(FemursegError, match="--optimizer"):
+        TrainConfig(optimizer="lbfgs")

@@ -310,7 +310,8 @@ def demo(
 
 def _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs, min_epochs,
                       patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                      precision=None, augment=None, deep_supervision=None, lr_schedule=None) -> dict:
+                      precision=None, augment=None, deep_supervision=None, lr_schedule=None, optimizer=None,
+                      weight_decay=None) -> dict:
     """Partial model / preprocessing / training dicts from the shared cv/train options (None = preset)."""
     model_cfg = {k: v for k, v in {"name": model, "features": features, "levels": levels, "norm": norm,
                                    "dropout": dropout, "deep_supervision": deep_supervision}.items() if v is not None}
@@ -326,7 +327,8 @@ def _training_options(model, features, levels, dilations, norm, dropout, loss, l
         prep["scale"] = scale
     if normalise is not None:
         prep["normalise"] = normalise
-    train = {k: v for k, v in {"loss": loss, "lr": lr, "lr_schedule": lr_schedule, "batch_size": batch_size, "max_epochs": max_epochs,
+    train = {k: v for k, v in {"loss": loss, "optimizer": optimizer, "lr": lr, "lr_schedule": lr_schedule,
+                               "weight_decay": weight_decay, "batch_size": batch_size, "max_epochs": max_epochs,
                                "min_epochs": min_epochs, "patience": patience, "threads": threads,
                                "precision": precision}.items() if v is not None}
     if patch_size is not None:
@@ -343,6 +345,8 @@ _PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AV
                    "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
 _DEEP_SUPERVISION_HELP = "U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."
 _LR_SCHEDULE_HELP = "constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."
+_OPTIMIZER_HELP = "adam (papers, default) or sgd (nnU-Net's: Nesterov momentum 0.99; its lr 1e-2, weight decay 3e-5)."
+_WEIGHT_DECAY_HELP = "L2 weight decay (default 0)."
 _AUGMENT_HELP = ("Augmentation preset: light (the default preset's: mirror, in-plane rotation, zoom, noise, bias, "
                  "brightness, contrast, gamma), nnunet (nnU-Net v2's full set: also tilt, elastic, blur, low "
                  "resolution) or flip (the mirror only; the paper preset's).")
@@ -370,8 +374,10 @@ def cv(
     split: Optional[Path] = typer.Option(None, help="Reuse the folds of a split.json or of another run folder."),
     inner_val: float = typer.Option(0.0, help="Fraction of each fold's training cases used for early stopping (0: the held-out fold, as the paper)."),
     loss: Optional[str] = typer.Option(None, help="wce (paper Eq. 1, inverse-frequency reading), wce-literal, ce, dice, dice-wce, dice-ce."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (the schedule's peak)."),
     lr_schedule: Optional[str] = typer.Option(None, help=_LR_SCHEDULE_HELP),
+    optimizer: Optional[str] = typer.Option(None, help=_OPTIMIZER_HELP),
+    weight_decay: Optional[float] = typer.Option(None, help=_WEIGHT_DECAY_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Batch size."),
     max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop (paper: 30)."),
@@ -399,7 +405,8 @@ def cv(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment, deep_supervision, lr_schedule)
+                             precision, augment, deep_supervision, lr_schedule, optimizer,
+                             weight_decay)
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     if task == "cascade":
         from femurseg.ct.evaluate import format_cascade_report
@@ -454,8 +461,10 @@ def train(
     val_fraction: float = typer.Option(0.2, help="Held-out fraction for early stopping (0: train on all cases)."),
     seed: int = typer.Option(0, help="Seed."),
     loss: Optional[str] = typer.Option(None, help="wce, wce-literal, ce, dice, dice-wce, dice-ce."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (the schedule's peak)."),
     lr_schedule: Optional[str] = typer.Option(None, help=_LR_SCHEDULE_HELP),
+    optimizer: Optional[str] = typer.Option(None, help=_OPTIMIZER_HELP),
+    weight_decay: Optional[float] = typer.Option(None, help=_WEIGHT_DECAY_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (per rank under --ddp)."),
     max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop."),
@@ -478,7 +487,8 @@ def train(
 
     opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
                              min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment, deep_supervision, lr_schedule)
+                             precision, augment, deep_supervision, lr_schedule, optimizer,
+                             weight_decay)
     res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
                     overwrite=overwrite, device=device, dist=_ddp_group(ddp, device), **opts)
     _echo_cv_summary(res.summary, out)
