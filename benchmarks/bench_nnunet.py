@@ -93,6 +93,7 @@ DATASET_ID = TASKS["mr"].dataset_id
 DATASET_NAME = TASKS["mr"].dataset_name
 
 TRAINER = '''"""nnU-Net's default trainer under a wall-clock budget (written by femurseg's benchmarks/bench_nnunet.py)."""
+import math
 import os
 import time
 
@@ -129,8 +130,9 @@ class nnUNetTrainer_femursegBudget(nnUNetTrainer):
                 self.on_validation_epoch_end(val)
             self.on_epoch_end()
             elapsed = time.perf_counter() - t0
-            if self.current_epoch == 1:  # fit the polyLR schedule to the epochs the budget allows
-                n = max(1, int(self.budget_s / max(elapsed, 1e-6)))
+            if self.current_epoch == 1:  # fit the polyLR schedule to the epochs the budget allows;
+                # rounded up, the last epoch is cut at the budget instead of leaving it unused
+                n = max(1, math.ceil(self.budget_s / max(elapsed, 1e-6)))
                 self.num_epochs = n
                 self.lr_scheduler.max_steps = n
             if elapsed >= self.budget_s:
