@@ -84,18 +84,42 @@ def test_training_options_take_an_augmentation_preset():
     from femurseg.cli import _training_options
     from femurseg.data.augment import AugmentConfig
 
-    opts = _training_options(*([None] * 18), augment="flip")
+    opts = _training_options(augment="flip")
     assert opts["aug_cfg"] == AugmentConfig().to_dict()
-    assert "aug_cfg" not in _training_options(*([None] * 18))
+    assert "aug_cfg" not in _training_options()
 
 
 def test_training_options_take_deep_supervision_and_a_schedule():
     from femurseg.cli import _training_options
 
-    opts = _training_options(*([None] * 18), deep_supervision=True, lr_schedule="poly")
+    opts = _training_options(deep_supervision=True, lr_schedule="poly")
     assert opts["model_cfg"]["deep_supervision"] is True
     assert opts["train_cfg"]["lr_schedule"] == "poly"
-    plain = _training_options(*([None] * 18))
+    plain = _training_options()
     assert "deep_supervision" not in (plain.get("model_cfg") or {}) and "lr_schedule" not in (plain.get("train_cfg") or {})
-    sgd = _training_options(*([None] * 18), optimizer="sgd", weight_decay=3e-5)["train_cfg"]
+    sgd = _training_options(optimizer="sgd", weight_decay=3e-5)["train_cfg"]
     assert sgd["optimizer"] == "sgd" and sgd["weight_decay"] == 3e-5
+
+
+@pytest.mark.parametrize("command, target", [("cv", "femurseg.training.cv.run_cv"),
+                                             ("train", "femurseg.training.cv.run_train")])
+def test_cv_and_train_hand_every_shared_option_to_the_run(command, target, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    seen = {}
+    monkeypatch.setattr(target, lambda *a, **kw: seen.update(kw) or type("R", (), {"summary": {}})())
+    args = [command, str(tmp_path), "--out", str(tmp_path / "run"), "--model", "vnet", "--features", "24",
+            "--levels", "3", "--dilations", "1,2", "--norm", "instance", "--dropout", "0.25", "--deep-supervision",
+            "--loss", "dice-ce", "--lr", "0.002", "--lr-schedule", "poly", "--optimizer", "sgd",
+            "--weight-decay", "3e-05", "--batch-size", "3", "--max-epochs", "7", "--min-epochs", "5",
+            "--patience", "4", "--patch-size", "16,32,32", "--crop-slices", "40", "--target-size", "96,96",
+            "--normalise", "percentile", "--threads", "2", "--precision", "fp32", "--augment", "nnunet"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert seen["model_cfg"] == {"name": "vnet", "features": 24, "levels": 3, "norm": "instance", "dropout": 0.25,
+                                 "deep_supervision": True, "dilations": [1, 2]}
+    assert seen["prep_cfg"] == {"crop_slices": 40, "target_size": [96, 96], "scale": None, "normalise": "percentile"}
+    assert seen["train_cfg"] == {"loss": "dice-ce", "optimizer": "sgd", "lr": 0.002, "lr_schedule": "poly",
+                                 "weight_decay": 3e-05, "batch_size": 3, "max_epochs": 7, "min_epochs": 5,
+                                 "patience": 4, "threads": 2, "precision": "fp32", "patch_size": [16, 32, 32]}
+    assert seen["aug_cfg"]["elastic_mm"] > 0

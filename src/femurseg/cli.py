@@ -308,11 +308,56 @@ def demo(
     typer.echo(format_summary(hl))
 
 
-def _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs, min_epochs,
-                      patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                      precision=None, augment=None, deep_supervision=None, lr_schedule=None, optimizer=None,
-                      weight_decay=None) -> dict:
-    """Partial model / preprocessing / training dicts from the shared cv/train options (None = preset)."""
+_PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AVX512-BF16/AMX, float32 on other "
+                   "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
+_AUGMENT_HELP = ("Augmentation preset: light (the default preset's: mirror, in-plane rotation, zoom, noise, bias, "
+                 "brightness, contrast, gamma), nnunet (nnU-Net v2's full set: also tilt, elastic, blur, low "
+                 "resolution) or flip (the mirror only; the paper preset's).")
+
+# The model / preprocessing / training options that `cv` and `train` share, declared once. Every default
+# is None, meaning "the preset's value". Both signatures take their declarations from here and hand the
+# values on by name (`_chosen_training_options`).
+_TRAINING = {
+    "model": typer.Option(None, help="Architecture: unet3d, unet2d, unet2d-unpadded, vnet, patchcnn (see `femurseg models`)."),
+    "features": typer.Option(None, help="Initial feature maps F (16, 32, 64)."),
+    "levels": typer.Option(None, help="Levels L of the contracting/expanding paths (3 or 4)."),
+    "dilations": typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8 ('none' to switch off)."),
+    "norm": typer.Option(None, help="none, batch or instance normalisation."),
+    "dropout": typer.Option(None, help="Dropout before the centre layer."),
+    "deep_supervision": typer.Option(None, "--deep-supervision/--no-deep-supervision",
+                                     help="U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."),
+    "loss": typer.Option(None, help="wce (paper Eq. 1, inverse-frequency reading), wce-literal, ce, dice, dice-wce, dice-ce."),
+    "lr": typer.Option(None, help="Learning rate (the schedule's peak)."),
+    "lr_schedule": typer.Option(None, help="constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."),
+    "optimizer": typer.Option(None, help="adam (papers, default) or sgd (nnU-Net's: Nesterov momentum 0.99; its lr 1e-2, weight decay 3e-5)."),
+    "weight_decay": typer.Option(None, help="L2 weight decay (default 0)."),
+    "batch_size": typer.Option(None, help="Batch size (per rank under --ddp)."),
+    "max_epochs": typer.Option(None, help="Hard limit on epochs."),
+    "min_epochs": typer.Option(None, help="Epochs before early stopping may stop (paper: 30)."),
+    "patience": typer.Option(None, help="Stop after this many epochs without an improvement of 1e-4 (paper: 10)."),
+    "patch_size": typer.Option(None, help="3D random patches D,H,W instead of whole volumes."),
+    "crop_slices": typer.Option(None, help="Keep the central N coronal slices (paper: 48; 0: all)."),
+    "target_size": typer.Option(None, help="Resample slices in-plane to ROWS,COLS (paper: 256,256)."),
+    "scale": typer.Option(None, help="In-plane zoom factor when no --target-size (default preset: 0.5)."),
+    "normalise": typer.Option(None, help="zscore, percentile, ct or none."),
+    "threads": typer.Option(None, help="CPU threads for torch."),
+    "precision": typer.Option(None, help=_PRECISION_HELP),
+    "augment": typer.Option(None, help=_AUGMENT_HELP),
+}
+
+
+def _training_options(*, model: str | None = None, features: int | None = None, levels: int | None = None,
+                      dilations: str | None = None, norm: str | None = None, dropout: float | None = None,
+                      deep_supervision: bool | None = None, loss: str | None = None, lr: float | None = None,
+                      lr_schedule: str | None = None, optimizer: str | None = None, weight_decay: float | None = None,
+                      batch_size: int | None = None, max_epochs: int | None = None, min_epochs: int | None = None,
+                      patience: int | None = None, patch_size: str | None = None, crop_slices: int | None = None,
+                      target_size: str | None = None, scale: float | None = None, normalise: str | None = None,
+                      threads: int | None = None, precision: str | None = None, augment: str | None = None) -> dict:
+    """Partial model / preprocessing / training / augmentation dicts from the options of ``_TRAINING``.
+
+    An option left at None is left out, so the preset fills it in.
+    """
     model_cfg = {k: v for k, v in {"name": model, "features": features, "levels": levels, "norm": norm,
                                    "dropout": dropout, "deep_supervision": deep_supervision}.items() if v is not None}
     if dilations is not None:
@@ -341,16 +386,9 @@ def _training_options(model, features, levels, dilations, norm, dropout, loss, l
     return out
 
 
-_PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AVX512-BF16/AMX, float32 on other "
-                   "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
-_DEEP_SUPERVISION_HELP = "U-Nets: auxiliary losses on the coarser decoder outputs (nnU-Net's deep supervision)."
-_LR_SCHEDULE_HELP = "constant (paper), cosine (default preset) or poly (nnU-Net's polyLR)."
-_OPTIMIZER_HELP = "adam (papers, default) or sgd (nnU-Net's: Nesterov momentum 0.99; its lr 1e-2, weight decay 3e-5)."
-_WEIGHT_DECAY_HELP = "L2 weight decay (default 0)."
-_AUGMENT_HELP = ("Augmentation preset: light (the default preset's: mirror, in-plane rotation, zoom, noise, bias, "
-                 "brightness, contrast, gamma), nnunet (nnU-Net v2's full set: also tilt, elastic, blur, low "
-                 "resolution) or flip (the mirror only; the paper preset's).")
-_MODEL_HELP = "Architecture: unet3d, unet2d, unet2d-unpadded, vnet, patchcnn (see `femurseg models`)."
+def _chosen_training_options(arguments: dict) -> dict:
+    """``_training_options`` of the ``_TRAINING`` entries among a command's arguments (its ``locals()``)."""
+    return _training_options(**{name: arguments[name] for name in _TRAINING})
 
 
 @app.command()
@@ -359,37 +397,36 @@ def cv(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create."),
     preset: str = typer.Option("default", help="default (CPU-friendly, demo scale) or paper (001: F 32, L 4, dilations 1,2,4,8, 256x256, lr 5e-5)."),
     task: str = typer.Option("binary", help="binary (femur vs background) or cascade (CT: periosteal then endosteal, paper 003)."),
-    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
-    features: Optional[int] = typer.Option(None, help="Initial feature maps F (16, 32, 64)."),
-    levels: Optional[int] = typer.Option(None, help="Levels L of the contracting/expanding paths (3 or 4)."),
-    dilations: Optional[str] = typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8 ('none' to switch off)."),
-    norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
-    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision",
-                                                    help=_DEEP_SUPERVISION_HELP),
+    model: Optional[str] = _TRAINING["model"],
+    features: Optional[int] = _TRAINING["features"],
+    levels: Optional[int] = _TRAINING["levels"],
+    dilations: Optional[str] = _TRAINING["dilations"],
+    norm: Optional[str] = _TRAINING["norm"],
+    dropout: Optional[float] = _TRAINING["dropout"],
+    deep_supervision: Optional[bool] = _TRAINING["deep_supervision"],
     folds: int = typer.Option(4, help="k of k-fold cross-validation (paper: 4)."),
     seed: int = typer.Option(0, help="Seed of the split, the initial weights and every epoch."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="--task cascade: train each stage with this many seeds and average them per fold (default 1)."),
     group_by: str = typer.Option("case", help="case, or subject (keep all cases of one subject in one fold)."),
     split: Optional[Path] = typer.Option(None, help="Reuse the folds of a split.json or of another run folder."),
     inner_val: float = typer.Option(0.0, help="Fraction of each fold's training cases used for early stopping (0: the held-out fold, as the paper)."),
-    loss: Optional[str] = typer.Option(None, help="wce (paper Eq. 1, inverse-frequency reading), wce-literal, ce, dice, dice-wce, dice-ce."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (the schedule's peak)."),
-    lr_schedule: Optional[str] = typer.Option(None, help=_LR_SCHEDULE_HELP),
-    optimizer: Optional[str] = typer.Option(None, help=_OPTIMIZER_HELP),
-    weight_decay: Optional[float] = typer.Option(None, help=_WEIGHT_DECAY_HELP),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
-    max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
-    min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop (paper: 30)."),
-    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without an improvement of 1e-4 (paper: 10)."),
-    patch_size: Optional[str] = typer.Option(None, help="3D random patches D,H,W instead of whole volumes."),
-    crop_slices: Optional[int] = typer.Option(None, help="Keep the central N coronal slices (paper: 48; 0: all)."),
-    target_size: Optional[str] = typer.Option(None, help="Resample slices in-plane to ROWS,COLS (paper: 256,256)."),
-    scale: Optional[float] = typer.Option(None, help="In-plane zoom factor when no --target-size (default preset: 0.5)."),
-    normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    precision: Optional[str] = typer.Option(None, help=_PRECISION_HELP),
-    augment: Optional[str] = typer.Option(None, help=_AUGMENT_HELP),
+    loss: Optional[str] = _TRAINING["loss"],
+    lr: Optional[float] = _TRAINING["lr"],
+    lr_schedule: Optional[str] = _TRAINING["lr_schedule"],
+    optimizer: Optional[str] = _TRAINING["optimizer"],
+    weight_decay: Optional[float] = _TRAINING["weight_decay"],
+    batch_size: Optional[int] = _TRAINING["batch_size"],
+    max_epochs: Optional[int] = _TRAINING["max_epochs"],
+    min_epochs: Optional[int] = _TRAINING["min_epochs"],
+    patience: Optional[int] = _TRAINING["patience"],
+    patch_size: Optional[str] = _TRAINING["patch_size"],
+    crop_slices: Optional[int] = _TRAINING["crop_slices"],
+    target_size: Optional[str] = _TRAINING["target_size"],
+    scale: Optional[float] = _TRAINING["scale"],
+    normalise: Optional[str] = _TRAINING["normalise"],
+    threads: Optional[int] = _TRAINING["threads"],
+    precision: Optional[str] = _TRAINING["precision"],
+    augment: Optional[str] = _TRAINING["augment"],
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last complete epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -403,10 +440,7 @@ def cv(
     """Cross-validate a model (paper 001 protocol): k stratified folds, out-of-fold predictions, PR threshold."""
     from femurseg.scale.distributed import backend_from_options
 
-    opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
-                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment, deep_supervision, lr_schedule, optimizer,
-                             weight_decay)
+    opts = _chosen_training_options(locals())
     be = backend_from_options(backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     if task == "cascade":
         from femurseg.ct.evaluate import format_cascade_report
@@ -450,33 +484,32 @@ def train(
     dataset: Path = typer.Argument(..., help="nnU-Net dataset folder or CSV manifest."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create."),
     preset: str = typer.Option("default", help="default or paper."),
-    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
-    features: Optional[int] = typer.Option(None, help="Initial feature maps F."),
-    levels: Optional[int] = typer.Option(None, help="Levels L."),
-    dilations: Optional[str] = typer.Option(None, help="Dilation rates of the centre layer, e.g. 1,2,4,8."),
-    norm: Optional[str] = typer.Option(None, help="none, batch or instance normalisation."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout before the centre layer."),
-    deep_supervision: Optional[bool] = typer.Option(None, "--deep-supervision/--no-deep-supervision",
-                                                    help=_DEEP_SUPERVISION_HELP),
+    model: Optional[str] = _TRAINING["model"],
+    features: Optional[int] = _TRAINING["features"],
+    levels: Optional[int] = _TRAINING["levels"],
+    dilations: Optional[str] = _TRAINING["dilations"],
+    norm: Optional[str] = _TRAINING["norm"],
+    dropout: Optional[float] = _TRAINING["dropout"],
+    deep_supervision: Optional[bool] = _TRAINING["deep_supervision"],
     val_fraction: float = typer.Option(0.2, help="Held-out fraction for early stopping (0: train on all cases)."),
     seed: int = typer.Option(0, help="Seed."),
-    loss: Optional[str] = typer.Option(None, help="wce, wce-literal, ce, dice, dice-wce, dice-ce."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (the schedule's peak)."),
-    lr_schedule: Optional[str] = typer.Option(None, help=_LR_SCHEDULE_HELP),
-    optimizer: Optional[str] = typer.Option(None, help=_OPTIMIZER_HELP),
-    weight_decay: Optional[float] = typer.Option(None, help=_WEIGHT_DECAY_HELP),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (per rank under --ddp)."),
-    max_epochs: Optional[int] = typer.Option(None, help="Hard limit on epochs."),
-    min_epochs: Optional[int] = typer.Option(None, help="Epochs before early stopping may stop."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
-    patch_size: Optional[str] = typer.Option(None, help="3D random patches D,H,W."),
-    crop_slices: Optional[int] = typer.Option(None, help="Keep the central N coronal slices (0: all)."),
-    target_size: Optional[str] = typer.Option(None, help="Resample slices in-plane to ROWS,COLS."),
-    scale: Optional[float] = typer.Option(None, help="In-plane zoom factor when no --target-size."),
-    normalise: Optional[str] = typer.Option(None, help="zscore, percentile, ct or none."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    precision: Optional[str] = typer.Option(None, help=_PRECISION_HELP),
-    augment: Optional[str] = typer.Option(None, help=_AUGMENT_HELP),
+    loss: Optional[str] = _TRAINING["loss"],
+    lr: Optional[float] = _TRAINING["lr"],
+    lr_schedule: Optional[str] = _TRAINING["lr_schedule"],
+    optimizer: Optional[str] = _TRAINING["optimizer"],
+    weight_decay: Optional[float] = _TRAINING["weight_decay"],
+    batch_size: Optional[int] = _TRAINING["batch_size"],
+    max_epochs: Optional[int] = _TRAINING["max_epochs"],
+    min_epochs: Optional[int] = _TRAINING["min_epochs"],
+    patience: Optional[int] = _TRAINING["patience"],
+    patch_size: Optional[str] = _TRAINING["patch_size"],
+    crop_slices: Optional[int] = _TRAINING["crop_slices"],
+    target_size: Optional[str] = _TRAINING["target_size"],
+    scale: Optional[float] = _TRAINING["scale"],
+    normalise: Optional[str] = _TRAINING["normalise"],
+    threads: Optional[int] = _TRAINING["threads"],
+    precision: Optional[str] = _TRAINING["precision"],
+    augment: Optional[str] = _TRAINING["augment"],
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: CUDA when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -485,10 +518,7 @@ def train(
     """Train one model (same run layout as cv, with one fold) for `femurseg predict`."""
     from femurseg.training.cv import run_train
 
-    opts = _training_options(model, features, levels, dilations, norm, dropout, loss, lr, batch_size, max_epochs,
-                             min_epochs, patience, patch_size, crop_slices, target_size, scale, normalise, threads,
-                             precision, augment, deep_supervision, lr_schedule, optimizer,
-                             weight_decay)
+    opts = _chosen_training_options(locals())
     res = run_train(dataset, out, val_fraction=val_fraction, preset=preset, seed=seed, resume=resume,
                     overwrite=overwrite, device=device, dist=_ddp_group(ddp, device), **opts)
     _echo_cv_summary(res.summary, out)
