@@ -14,7 +14,10 @@ has) with ``femurseg predict`` (the run's threshold, post-processing and per-sca
 * ``wide + flip``: the wide phantom world (``femurseg.data.phantom.variation("wide")``) without it;
 * ``wide + nnunet aug``: both;
 * ``wide + light aug``: the wide world with the lighter set (``AugmentConfig.preset("light")``;
-  today's default).
+  today's default);
+* ``wide + light + histogram aug``: the same with a random histogram shift (MONAI's
+  ``RandHistogramShift``) on 30 % of the samples, the intensity kind aimed at a change of
+  tissue contrast.
 
 The test cohorts are the narrow world (in-domain for the first two), the wide world, and the
 narrow world with each factor group of ``femurseg.data.phantom.SHIFTS`` moved beyond its range
@@ -25,7 +28,8 @@ wide one, so no configuration has seen all of them.
 
 Writes ``shift_cases.csv`` (per configuration, test cohort and case: DSC, precision, recall,
 ASD, HD95, volume error, QC verdict) and ``shift_summary.csv`` (mean ± SD per configuration and
-cohort, the fraction of scans QC did not pass, training seconds per fold). ``--quick``: 8
+cohort, the fraction of scans QC did not pass, training seconds per fold). A run of a subset
+(``--configs``) keeps the stored rows of the other configurations in both files. ``--quick``: 8
 training cases, 2 folds, 3 test cases per cohort, three cohorts.
 """
 
@@ -44,12 +48,14 @@ sys.path.insert(0, str(HERE))
 
 from common import RESULTS, machine_info, say, write_csv  # noqa: E402
 
-CONFIGS: dict[str, tuple[str, str]] = {  # name -> (phantom world, augmentation preset)
-    "narrow + flip": ("narrow", "flip"),
-    "narrow + nnunet aug": ("narrow", "nnunet"),
-    "wide + flip": ("wide", "flip"),
-    "wide + nnunet aug": ("wide", "nnunet"),
-    "wide + light aug": ("wide", "light"),
+# name -> (phantom world, augmentation preset, AugmentConfig fields changed from the preset)
+CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "narrow + flip": ("narrow", "flip", {}),
+    "narrow + nnunet aug": ("narrow", "nnunet", {}),
+    "wide + flip": ("wide", "flip", {}),
+    "wide + nnunet aug": ("wide", "nnunet", {}),
+    "wide + light aug": ("wide", "light", {}),
+    "wide + light + histogram aug": ("wide", "light", {"histogram_p": 0.3}),
 }
 TEST_SEED = 1000  # test cohorts are drawn from seeds no training cohort (seed 0) uses
 
@@ -77,15 +83,20 @@ def make_cohort(out: Path, n: int, seed: int, world: str, shift: Any) -> Path:
     return out
 
 
-def train(data: Path, run: Path, aug: str, folds: int) -> float:
-    """4-fold cv with the default preset and augmentation preset ``aug``; returns training s per fold."""
+def augmentation(preset: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """The ``AugmentConfig`` dict of ``preset`` with ``changes`` applied (validated)."""
     from femurseg.data.augment import AugmentConfig
+
+    return AugmentConfig.from_dict({**AugmentConfig.preset(preset).to_dict(), **changes}).to_dict()
+
+
+def train(data: Path, run: Path, aug_cfg: dict[str, Any], folds: int) -> float:
+    """4-fold cv with the default preset and augmentation ``aug_cfg``; returns training s per fold."""
     from femurseg.inference.run import is_run
     from femurseg.training.cv import run_cv
 
     if not (is_run(run) and (run / "summary.json").exists()):
-        run_cv(data, run, aug_cfg=AugmentConfig.preset(aug).to_dict(), folds=folds, seed=0, resume=run.exists(),
-               progress=False)
+        run_cv(data, run, aug_cfg=aug_cfg, folds=folds, seed=0, resume=run.exists(), progress=False)
     seconds = []
     for log in sorted(run.glob("fold_*/log.csv")):
         with open(log) as f:
@@ -141,6 +152,15 @@ def summarise(cases: list[dict[str, Any]], train_s: dict[str, float]) -> list[di
     return out
 
 
+def keep_stored(path: Path, rows: list[dict[str, Any]], ran: list[str]) -> list[dict[str, Any]]:
+    """``rows`` after the rows of ``path`` (if it exists) whose configuration was not run this time."""
+    stored = []
+    if path.exists():
+        with open(path, newline="") as f:
+            stored = [r for r in csv.DictReader(f) if r["config"] in CONFIGS and r["config"] not in ran]
+    return stored + rows
+
+
 def markdown(summary: list[dict[str, Any]]) -> str:
     """The README table: one row per test cohort, DSC (and HD95) per configuration."""
     cohorts = list(dict.fromkeys(r["cohort"] for r in summary))
@@ -152,7 +172,7 @@ def markdown(summary: list[dict[str, Any]]) -> str:
         cells = []
         for c in cfgs:
             r = by.get((c, co))
-            cells.append("-" if r is None else f"{r['dsc_mean']:.3f} ± {r['dsc_sd']:.3f} / {r['hd95_mm_mean']:.1f}")
+            cells.append("-" if r is None else f"{float(r['dsc_mean']):.3f} ± {float(r['dsc_sd']):.3f} / {float(r['hd95_mm_mean']):.1f}")
         lines.append(f"| {co} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[dict[str, Any]] = []
     train_s: dict[str, float] = {}
     for cfg in configs:
-        world, aug = CONFIGS[cfg]
+        world, preset, changes = CONFIGS[cfg]
         data = make_cohort(a.work / f"train_{world}", a.cases, 0, world, None)
-        run = a.work / f"run_{world}_{aug}"
+        run = a.work / ("run_" + cfg.replace(" + ", "_").replace(" ", "_"))
         t1 = time.perf_counter()
-        train_s[cfg] = train(data, run, aug, a.folds)
+        train_s[cfg] = train(data, run, augmentation(preset, changes), a.folds)
         say(f"{cfg}: trained ({time.perf_counter() - t1:.0f} s, {train_s[cfg]:.0f} s per fold)")
         for name, cohort in cohorts.items():
             rows = score(run, cohort, a.work / "pred" / run.name / name.replace(" ", "_"))
@@ -193,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append({"config": cfg, "cohort": name, **r})
             dsc = [float(r["dsc"]) for r in rows]
             say(f"  {name}: DSC {sum(dsc) / len(dsc):.3f}, QC not ok {sum(r['qc'] != 'ok' for r in rows)}/{len(rows)}")
-    summary = summarise(cases, train_s)
     suffix = "_quick" if a.quick else ""
+    cases = keep_stored(a.out / f"shift_cases{suffix}.csv", cases, configs)
+    summary = keep_stored(a.out / f"shift_summary{suffix}.csv", summarise([r for r in cases if r["config"] in configs],
+                                                                          train_s), configs)
+    order = list(CONFIGS)
+    summary.sort(key=lambda r: order.index(r["config"]))
     write_csv(cases, a.out / f"shift_cases{suffix}.csv")
     write_csv(summary, a.out / f"shift_summary{suffix}.csv")
     print(markdown(summary))

@@ -168,6 +168,22 @@ def test_shift_benchmark_cohorts_summary_and_table():
     table = bench_shift.markdown(summary)
     assert table.splitlines()[0].startswith("| test cohort | narrow + flip: DSC")
     assert "| all shifts | 0.910 ± 0.010 / 4.0 | 0.960 ± 0.010 / 4.0 |" in table
+    # a run of one configuration keeps the stored rows of the others (read back as text)
+    import tempfile
+    from pathlib import Path
+
+    from common import write_csv
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shift_summary.csv"
+        write_csv(summary, path)
+        again = bench_shift.summarise([dict(r, dsc=0.5) for r in cases if r["config"] == "wide + light aug"],
+                                      {"wide + light aug": 31.0})
+        merged = bench_shift.keep_stored(path, again, ["wide + light aug"])
+        assert [r["config"] for r in merged] == ["narrow + flip"] * 2 + ["wide + light aug"] * 2
+        assert "| all shifts | 0.910 ± 0.010 / 4.0 | 0.500 ± 0.000 / 4.0 |" in bench_shift.markdown(merged)
+    aug = bench_shift.augmentation(*bench_shift.CONFIGS["wide + light + histogram aug"][1:])
+    assert aug["histogram_p"] == 0.3 and aug["rotate_deg"] == 10.0  # the light preset, one field changed
 
 
 def test_ingredient_bench_scores_a_finished_run_with_and_without_tta(tmp_path, run3d):

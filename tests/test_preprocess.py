@@ -285,3 +285,49 @@ def test_inplane_zoom_threads_give_the_serial_result(monkeypatch):
     monkeypatch.setattr(preprocess, "_threads", lambda: 3)
     threaded = preprocess._zoom_inplane(a, (128, 96), 3)
     assert np.array_equal(serial, threaded)
+
+
+def test_histogram_shift_matches_monai_and_keeps_the_statistics():
+    monai = pytest.importorskip("monai")
+    from femurseg.data.augment import histogram_shift, random_histogram_curve
+
+    x = torch.randn(1, 10, 12, 14, generator=torch.Generator().manual_seed(0))
+    ref = monai.transforms.RandHistogramShift(num_control_points=(5, 5), prob=1.0)
+    ref.set_random_state(3)
+    ref.randomize()
+    points = torch.as_tensor(ref.floating_control_points)
+    expected = torch.as_tensor(ref(x, randomize=False)).float()
+    torch.testing.assert_close(histogram_shift(x, points, retain_stats=False), expected, atol=1e-5, rtol=1e-5)
+    # the intensity order of the voxels is kept (a monotone curve); mean and SD are kept
+    y = histogram_shift(x, points)
+    assert bool((torch.diff(y.flatten()[x.flatten().argsort()]) >= -1e-5).all())
+    torch.testing.assert_close(y.mean(), x.mean(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(), x.std(), atol=1e-5, rtol=1e-5)
+    # the identity curve changes nothing; a constant image is returned as it is
+    torch.testing.assert_close(histogram_shift(x, torch.linspace(0, 1, 4, dtype=torch.float64)), x, atol=1e-5, rtol=0)
+    c = torch.full((1, 4, 4, 4), 2.0)
+    assert torch.equal(histogram_shift(c, points), c)
+    # the draw: ends fixed at 0 and 1, inner points increasing
+    g = torch.Generator().manual_seed(1)
+    for n in (3, 6, 10):
+        p = random_histogram_curve(n, g)
+        assert p[0] == 0 and p[-1] == 1 and bool((torch.diff(p) >= 0).all()) and len(p) == n
+
+
+def test_histogram_shift_in_augment_is_seeded_and_leaves_the_other_streams_alone():
+    img, lab = _batch((12, 16, 16))
+    img = img.repeat(2, 1, 1, 1, 1) + torch.randn(4, 1, 12, 16, 16, generator=torch.Generator().manual_seed(2))
+    lab = lab.repeat(2, 1, 1, 1)
+    base = AugmentConfig.preset("light")
+    on = AugmentConfig.from_dict({**base.to_dict(), "histogram_p": 1.0})
+    before = img.clone()
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a, _ = augment(img, lab, base, g1)
+    b, bl = augment(img, lab, on, g2)
+    assert torch.equal(img, before)  # the input batch is not modified in place
+    assert torch.equal(g1.get_state(), g2.get_state())  # the caller's stream is the same with it on
+    assert not torch.allclose(a, b) and torch.equal(bl, augment(img, lab, base, torch.Generator().manual_seed(7))[1])
+    c, _ = augment(img, lab, on, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(b, c)
+    with pytest.raises(FemursegError):
+        AugmentConfig(histogram_points=(2, 5))

@@ -22,8 +22,13 @@ default trainer and batchgeneratorsv2 are the model for the kinds, ranges and pr
   to the original range), each with ``intensity_p``; simulated **low resolution** (nearest
   down-sampling by a factor uniform in ``lowres``, trilinear back; ``lowres_p``); **gamma**
   (``x -> x^g`` on the range-normalised image, ``g`` log-uniform in ``gamma``, mean and
-  standard deviation kept; ``gamma_p``); and the older additive **brightness shift**
-  (``brightness``, uniform in ``+-brightness``, every sample).
+  standard deviation kept; ``gamma_p``); a **histogram shift** (MONAI's ``RandHistogramShift``:
+  the intensities remapped by a random monotone piecewise-linear curve through ``n`` control
+  points on the image's range, ``n`` uniform in ``histogram_points``, mean and standard
+  deviation kept; ``histogram_p``), which, unlike gamma, changes the ratios between tissue
+  intensity bands (marrow, muscle, fat) independently, as a change of sequence or scanner does;
+  and the older additive **brightness shift** (``brightness``, uniform in ``+-brightness``,
+  every sample).
 
 :class:`AugmentConfig` alone is the mirror only (paper 001's augmentation, what the CT cascade
 and the paper preset use); :meth:`AugmentConfig.preset` names the sets (``"light"``: what the MR
@@ -36,7 +41,8 @@ Images are ``(B, C, D, H, W)`` (3D) or ``(B, C, H, W)`` (2D stacks of 3 coronal 
 ``(B, D, H, W)`` / ``(B, H, W)`` integer tensors. Spatial transforms resample the image
 bilinearly (edge values outside) and the label with nearest neighbour. Every random draw comes
 from the ``torch.Generator`` passed in, in a fixed order and count, so a run is reproducible from
-its seed whatever options are on.
+its seed whatever options are on (the histogram shift draws from a generator seeded by one of
+those draws, so adding it left the streams of the other kinds as they were).
 """
 
 from __future__ import annotations
@@ -80,12 +86,16 @@ class AugmentConfig:
     lowres_p: float = 0.0
     gamma: tuple[float, float] = (0.7, 1.5)
     gamma_p: float = 0.0
+    histogram_points: tuple[int, int] = (4, 8)
+    histogram_p: float = 0.0
 
     def __post_init__(self) -> None:
         self.blur_sigma = tuple(float(v) for v in self.blur_sigma)  # type: ignore[assignment]
         self.lowres = tuple(float(v) for v in self.lowres)  # type: ignore[assignment]
         self.gamma = tuple(float(v) for v in self.gamma)  # type: ignore[assignment]
-        for name in ("flip_p", "spatial_p", "noise_p", "blur_p", "bias_p", "intensity_p", "lowres_p", "gamma_p"):
+        self.histogram_points = tuple(int(v) for v in self.histogram_points)  # type: ignore[assignment]
+        for name in ("flip_p", "spatial_p", "noise_p", "blur_p", "bias_p", "intensity_p", "lowres_p", "gamma_p",
+                     "histogram_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be in [0, 1]")
         for name in ("noise_std", "brightness", "scale", "rotate_deg", "tilt_deg", "elastic_mm", "bias",
@@ -103,6 +113,9 @@ class AugmentConfig:
                 raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be (lo, hi) with 0 < lo <= hi")
         if self.lowres[1] > 1:
             raise FemursegError(f"augmentation: lowres={self.lowres} factors must be <= 1")
+        lo, hi = self.histogram_points
+        if not 3 <= lo <= hi:
+            raise FemursegError(f"augmentation: histogram_points={self.histogram_points} must be (lo, hi) with 3 <= lo <= hi")
 
     @property
     def spatial(self) -> bool:
@@ -204,7 +217,7 @@ def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: t
         image = image + (noise * scale.view(b, *([1] * (image.ndim - 1)))).to(image.device, image.dtype)
     sel = lambda k, prob: [i for i in range(b) if float(p[i, k]) < prob]  # noqa: E731
     image = image.clone() if any(cfg_p > 0 for cfg_p in (cfg.blur_p, cfg.bias_p * (cfg.bias > 0), cfg.intensity_p,
-                                                         cfg.lowres_p, cfg.gamma_p)) else image
+                                                         cfg.lowres_p, cfg.gamma_p, cfg.histogram_p)) else image
     for i in sel(1, cfg.blur_p):
         image[i] = gaussian_blur(image[i], float(sigma[i]))
     if cfg.bias > 0:
@@ -222,6 +235,14 @@ def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: t
         image[i] = simulate_low_resolution(image[i], float(low[i]))
     for i in sel(6, cfg.gamma_p):
         image[i] = adjust_gamma(image[i], float(gam[i]))
+    if cfg.histogram_p > 0:
+        hg = torch.Generator(device="cpu").manual_seed(noise_seed + 1)
+        for i in range(b):
+            coin = float(torch.rand(1, generator=hg))
+            points = random_histogram_curve(int(torch.randint(cfg.histogram_points[0], cfg.histogram_points[1] + 1,
+                                                              (1,), generator=hg)), hg)
+            if coin < cfg.histogram_p:
+                image[i] = histogram_shift(image[i], points)
     return image, label
 
 
@@ -266,6 +287,36 @@ def adjust_gamma(x: torch.Tensor, gamma: float, retain_stats: bool = True) -> to
     if retain_stats:
         y = (y - y.mean()) / y.std().clamp_min(1e-7) * std + mean
     return y
+
+
+def random_histogram_curve(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` (>= 3) floating control points for :func:`histogram_shift`, MONAI's draw: the ends
+    stay at 0 and 1, and each inner point, in order, is uniform between its left neighbour's new
+    value and its right neighbour's place on ``linspace(0, 1, n)`` (so the curve is monotone)."""
+    points = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    for i in range(1, n - 1):
+        points[i] = points[i - 1] + (points[i + 1] - points[i - 1]) * float(torch.rand(1, generator=gen, dtype=torch.float64))
+    return points
+
+
+def histogram_shift(x: torch.Tensor, points: torch.Tensor, retain_stats: bool = True) -> torch.Tensor:
+    """Remap the intensities of ``x`` (any shape) by the piecewise-linear curve through
+    ``(linspace(0, 1, n), points)``, both scaled to ``x``'s range [min, max] (MONAI's
+    ``HistogramShift``); with ``retain_stats``, then shifted and scaled back to ``x``'s mean and
+    standard deviation. A constant ``x`` is returned unchanged."""
+    lo, hi = x.min(), x.max()
+    if not bool(hi > lo):
+        return x
+    xp = torch.linspace(0.0, 1.0, len(points), dtype=torch.float64, device=x.device)
+    fp = points.to(device=x.device, dtype=torch.float64)
+    t = ((x.double() - lo) / (hi - lo)).clamp(0, 1)
+    seg = (torch.searchsorted(xp, t.reshape(-1).contiguous()) - 1).clamp(0, len(xp) - 2)
+    slope = (fp[1:] - fp[:-1]) / (xp[1:] - xp[:-1])
+    flat = t.reshape(-1)
+    y = (fp[seg] + slope[seg] * (flat - xp[seg])).reshape(x.shape) * (hi - lo) + lo
+    if retain_stats:
+        y = (y - y.mean()) / y.std().clamp_min(1e-7) * x.double().std() + x.double().mean()
+    return y.to(x.dtype)
 
 
 def _smooth_field(shape: torch.Size | tuple[int, ...], n: int, seed: int, device: torch.device) -> torch.Tensor:
