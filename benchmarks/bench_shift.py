@@ -163,7 +163,8 @@ def keep_stored(path: Path, rows: list[dict[str, Any]], ran: list[str]) -> list[
 
 def markdown(summary: list[dict[str, Any]]) -> str:
     """The README table: one row per test cohort, DSC (and HD95) per configuration."""
-    cohorts = list(dict.fromkeys(r["cohort"] for r in summary))
+    order = list(test_cohorts())
+    cohorts = sorted(dict.fromkeys(r["cohort"] for r in summary), key=lambda c: order.index(c) if c in order else len(order))
     cfgs = [c for c in CONFIGS if any(r["config"] == c for r in summary)]
     by = {(r["config"], r["cohort"]): r for r in summary}
     lines = ["| test cohort | " + " | ".join(f"{c}: DSC / HD95 mm" for c in cfgs) + " |",
