@@ -123,3 +123,17 @@ def test_cv_and_train_hand_every_shared_option_to_the_run(command, target, monke
                                  "weight_decay": 3e-05, "batch_size": 3, "max_epochs": 7, "min_epochs": 5,
                                  "patience": 4, "threads": 2, "precision": "fp32", "patch_size": [16, 32, 32]}
     assert seen["aug_cfg"]["elastic_mm"] > 0
+
+
+def test_every_command_that_writes_takes_out_and_o():
+    """One spelling across commands: ``--out`` and ``-o`` wherever an output path is an option."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    missing = []
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if p.name in ("out", "output") and p.param_type_name == "option" and not {"--out", "-o"} <= set(p.opts):
+                missing.append(f"{name}: {p.opts}")
+    assert not missing, missing
+    assert {"--out", "-o", "--output"} <= set(next(p for p in group.commands["predict"].params if p.name == "output").opts)

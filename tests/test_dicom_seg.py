@@ -116,6 +116,38 @@ def test_non_dicom_input_is_refused(tmp_path):
     assert not (tmp_path / "seg.dcm").exists()
 
 
+def test_headers_highdicom_refuses_give_one_femurseg_error_and_no_files(run3d, tmp_path):
+    """A series without the Frame of Reference UID (Type 1 in the MR and CT IODs, so a SEG needs
+    it): a FemursegError naming the way out, not highdicom's traceback, and nothing written."""
+    vol = _series(tmp_path)
+    for f in vol.dicom_files:
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    vol = io.read_image(tmp_path / "dcm")
+    with pytest.raises(FemursegError, match="do not allow a DICOM SEG.*without --dicom-seg"):
+        write_dicom_seg(tmp_path / "seg.dcm", _mask(vol), vol)
+    pred = P.load_predictor(run3d, device="cpu")
+    outs = P.outputs_for(tmp_path / "out.nii.gz", dicom_seg=True)
+    with pytest.raises(FemursegError, match="Frame Of Reference"):
+        P.predict_file(pred, tmp_path / "dcm", outs, threshold="otsu")
+    assert not list(tmp_path.glob("seg.dcm")) and not list(tmp_path.glob("out*"))
+
+
+def test_a_series_without_slice_thickness_gets_its_slice_spacing(tmp_path):
+    vol = _series(tmp_path)
+    for f in vol.dicom_files:
+        ds = pydicom.dcmread(f)
+        if "SliceThickness" in ds:
+            del ds.SliceThickness
+        ds.save_as(f)
+    vol = io.read_image(tmp_path / "dcm")
+    seg = hd.seg.segread(write_dicom_seg(tmp_path / "seg.dcm", _mask(vol), vol))
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(SPACING[0])
+    assert "SliceThickness" not in pydicom.dcmread(vol.dicom_files[0])  # the source files are not touched
+
+
 def test_predict_writes_seg_beside_the_mask(run3d, tmp_path):
     vol = _series(tmp_path, shuffle=True)
     pred = P.load_predictor(run3d, device="cpu")

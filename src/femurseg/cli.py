@@ -129,7 +129,7 @@ def predict(
     run: Path = typer.Argument(..., help="Run folder written by femurseg train / cv."),
     inputs: list[Path] = typer.Option(..., "-i", "--input", help="Scan: NIfTI/NRRD/MHA file or DICOM series folder. "
                                       "Batch mode: -i several times, a .txt list (one path per line) or a folder of scans."),
-    output: Path = typer.Option(..., "-o", "--output", help="Mask (uint8, .nii.gz/.nrrd/.mha) on the scan's grid; "
+    output: Path = typer.Option(..., "-o", "--output", "--out", help="Mask (uint8, .nii.gz/.nrrd/.mha) on the scan's grid; "
                                 "batch mode: a folder (one <case>.nii.gz per scan)."),
     prob: Optional[Path] = typer.Option(None, "--prob", help="Also write the femur probability map (float32); batch mode: a folder."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="pr | youden (stored by cv) | otsu | a number in [0, 1]. "
@@ -191,7 +191,7 @@ def export(
 
 @app.command()
 def evaluate(
-    out: Path = typer.Option(..., "--out", help="Per-case results CSV (one row per case); RESULTS_summary.csv (volume MAE/RMSE/RE) and RESULTS_stats.csv are written beside it."),
+    out: Path = typer.Option(..., "--out", "-o", help="Per-case results CSV (one row per case); RESULTS_summary.csv (volume MAE/RMSE/RE) and RESULTS_stats.csv are written beside it."),
     pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted masks <case>.nii.gz."),
     gt: Optional[Path] = typer.Option(None, "--gt", help="Reference labels: folder of <case>.nii.gz, nnU-Net dataset (labelsTr) or CSV manifest. With --run: overrides the run's dataset."),
     prob: Optional[Path] = typer.Option(None, "--prob", help="Folder of probability maps <case>.nii.gz (adds per-case AUC and AP)."),
@@ -214,7 +214,7 @@ def evaluate(
 @app.command()
 def compare(
     runs: list[Path] = typer.Argument(..., help="Cross-validation run folders (or per-case results CSVs of femurseg evaluate); the first is the reference model."),
-    out: Path = typer.Option(..., "--out", help="Report folder: CSV tables, PNG figures, meshes and report.html."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: CSV tables, PNG figures, meshes and report.html."),
     metric: str = typer.Option("ap", "--metric", help="Per-case metric of the Wilcoxon/Holm table (ap as in paper 001 Table 4, or dsc, asd_mm, ...)."),
     names: Optional[str] = typer.Option(None, "--names", help="Comma-separated display names, one per run."),
     cases: Optional[str] = typer.Option(None, "--cases", help="Comma-separated cases for the figure panels (default: best, median and worst DSC of the first run)."),
@@ -239,7 +239,7 @@ def compare(
 def measure(
     mask: Path = typer.Argument(..., help="Label map: CT 0/1/2 (trabecular/cortical) or binary 0/1 (MR)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Image on the mask's grid (CT in HU): adds mean intensity per compartment."),
-    out: Path = typer.Option(..., "--out", help="CSV: one row per region (head, neck, trochanter, intertrochanter, combination) and total."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV: one row per region (head, neck, trochanter, intertrochanter, combination) and total."),
     regions_out: Optional[Path] = typer.Option(None, "--regions-out", help="Also write the region label map (1 head, 2 neck, 3 trochanter, 4 intertrochanter)."),
     no_regions: bool = typer.Option(False, "--no-regions", help="Only the total row (no head/neck/trochanter split)."),
     modality: Optional[str] = typer.Option(None, "--modality", help="ct or mr (default: ct if the mask holds label 2); ct checks the image is in HU."),
@@ -269,7 +269,7 @@ def measure(
 def experiment(
     name: str = typer.Argument(..., help="Experiment: paper (the grid of paper 001, Tables 1-4)."),
     dataset: Optional[Path] = typer.Argument(None, help="nnU-Net dataset folder or CSV manifest."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Experiment folder (runs/, reports, grid.csv, report.html); rerun to resume."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment folder (runs/, reports, grid.csv, report.html); rerun to resume."),
     scale: str = typer.Option("demo", "--scale", help="demo (tiny networks, 2 CPU cores, < 30 min on the default phantoms) or full (the paper's sizes; GPU)."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated grid ids or patterns to run (e.g. '3d-*,2d-f64-l4'); default: all."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid and settings, train nothing."),
@@ -296,7 +296,7 @@ def experiment(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), help="Folder for the phantom data, the cv run and the report."),
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for the phantom data, the cv run and the report."),
     n: int = typer.Option(16, "--n", min=4, help="Number of phantom cases."),
     seed: int = typer.Option(0, help="Seed of the phantoms, the split and the training."),
     max_epochs: Optional[int] = typer.Option(None, help="Cap the epochs per fold (default: the preset's early stopping)."),

@@ -12,6 +12,10 @@ load the mask as an overlay on the source MR/CT series. What we write:
   references its source SOP instance (Derivation Image / Source Image Sequence) and carries the
   source's plane position and orientation, so the overlay is exact also for oblique series.
 * New Series Instance UID in the source's study, Series Number = source series number + 1000.
+* A source without Slice Thickness (Type 2, but written empty or left out by some converters,
+  SimpleITK among them) gets, in the headers read for the SEG only, the series' slice spacing
+  from its geometry: highdicom needs a thickness for the SEG's pixel measures. A source without
+  a Frame of Reference UID cannot carry a SEG (the overlay is defined by it) and is refused.
 
 The mask arrives in femurseg's canonical ``(A, I, L)`` order; :meth:`Volume.native_array`
 maps it back to the native NumPy order ``[k, j, i]``, where ``native[k]`` is the pixel array
@@ -52,9 +56,12 @@ def read_source_datasets(volume: Volume) -> list:
     datasets = []
     for f in volume.dicom_files:
         try:
-            datasets.append(pydicom.dcmread(f, stop_before_pixels=True))
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception as exc:  # pydicom raises InvalidDicomError, OSError, ...
             raise FemursegError(f"{f}: cannot read DICOM header for the SEG: {exc}") from None
+        if ds.get("SliceThickness") in (None, ""):
+            ds.SliceThickness = f"{float(volume.geometry.spacing[2]):.6g}"  # the spacing between the slices, mm
+        datasets.append(ds)
     return datasets
 
 
@@ -101,24 +108,28 @@ def build_segmentation(mask: np.ndarray, volume: Volume, *, series_description: 
         src_series = int(getattr(sources[0], "SeriesNumber", 0) or 0)
     except (TypeError, ValueError):
         src_series = 0
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=native,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
-        series_number=src_series + SERIES_NUMBER_OFFSET,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="femurseg",
-        manufacturer_model_name="femurseg",
-        software_versions=__version__,
-        device_serial_number="1",
-        content_label=content_label,
-        content_description="Proximal femur, automatic CNN segmentation",
-        omit_empty_frames=False,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=native,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=hd.UID(),
+            series_number=src_series + SERIES_NUMBER_OFFSET,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="femurseg",
+            manufacturer_model_name="femurseg",
+            software_versions=__version__,
+            device_serial_number="1",
+            content_label=content_label,
+            content_description="Proximal femur, automatic CNN segmentation",
+            omit_empty_frames=False,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom's checks of the source headers
+        raise FemursegError(f"{volume.source}: the series' DICOM headers do not allow a DICOM SEG ({exc}); "
+                            "the mask itself can still be written without --dicom-seg") from None
     seg.SeriesDescription = series_description
     if "ContentCreatorName" not in seg:  # Type 2 in the Segmentation IOD: present, empty (no human creator)
         seg.ContentCreatorName = ""

@@ -256,7 +256,8 @@ def _check_finite(path: Path, arr: np.ndarray) -> None:
     if arr.dtype.kind in "fc":
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if bad:
-            raise FemursegError(f"{path}: image has {bad} NaN/Inf voxels")
+            raise FemursegError(f"{path}: image has {bad} NaN/Inf voxels (of {arr.size}); replace them (e.g. with "
+                                "the image's minimum, what a scanner writes outside the field of view) and run again")
 
 
 def _first_line(exc: Exception) -> str:
