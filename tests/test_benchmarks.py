@@ -220,3 +220,22 @@ def test_ingredient_bench_scores_a_finished_run_with_and_without_tta(tmp_path, r
         assert 0 <= r["dsc_tta_none"] <= 1 and 0 <= r["dsc_tta_flip"] <= 1 and r["dsc"] == 0.5
     assert s["cases"] == 4 and s["threshold"] == 0.49
     assert s["dsc_check"] == np.mean([r["dsc_tta_none"] for r in rows])
+
+
+def test_spacing_bench_resamples_over_the_same_field_of_view(tmp_path):
+    import bench_spacing
+    import numpy as np
+
+    from femurseg.core.io import make_volume, read_image, write_volume
+
+    lab = np.zeros((8, 20, 24), np.float32)  # canonical (A, I, L): 8 coronal slices of 1.5 mm
+    lab[2:6, 5:15, 6:18] = 1
+    write_volume(tmp_path / "lab.nii.gz", make_volume(lab, (1.5, 1.0, 1.0)), dtype=np.uint8)
+    for pixel, slices, shape in ((2.0, 1.0, (8, 10, 12)), (1.0, "iso", (12, 20, 24)), (1.0, 2.0, (4, 20, 24))):
+        bench_spacing.resample(tmp_path / "lab.nii.gz", tmp_path / "out.nii.gz", pixel, slices, label=True)
+        out = read_image(tmp_path / "out.nii.gz")
+        assert out.data.shape == shape
+        extent = np.asarray(out.data.shape) * np.asarray(out.spacing)
+        assert np.allclose(extent, (12.0, 20.0, 24.0))
+        vol_mm3 = out.data.sum() * np.prod(out.spacing)
+        assert abs(vol_mm3 - lab.sum() * 1.5) / (lab.sum() * 1.5) < 0.2

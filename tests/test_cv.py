@@ -200,3 +200,20 @@ def test_parallel_fold_processes_match_the_sequential_run(cv_run, tiny, tmp_path
     assert local_workers(1, 4) == 1 and local_workers("3", 2) == 2 and local_workers("auto", 4, "cpu") >= 1
     with pytest.raises(FemursegError, match="--workers"):
         local_workers("many", 4)
+
+
+def test_a_run_fixes_the_zoom_and_crop_in_millimetres(tiny, tmp_path):
+    """The preset's factor and slice count are stored as mm, so a finer scan reaches the
+    network on the training grid."""
+    from femurseg.data.preprocess import plan
+
+    out = tmp_path / "mm"
+    run_train(tiny, out, val_fraction=0.25, **{**TINY, "prep_cfg": {"scale": 0.5, "crop_slices": 14}})
+    prep = load_run(out).preprocess
+    vol = io.read_image(tiny / "imagesTr" / "hip_0000_0000.nii.gz")
+    sp = vol.spacing
+    assert prep.spacing_mm == pytest.approx((sp[1] / 0.5, sp[2] / 0.5)) and prep.crop_mm == pytest.approx(14 * sp[0])
+    trained = plan(vol.data.shape, sp, prep)
+    n, h, w = vol.data.shape
+    finer = plan((2 * n, 2 * h, 2 * w), (sp[0] / 2, sp[1] / 2, sp[2] / 2), prep)
+    assert finer.shape == (2 * trained.shape[0], *trained.shape[1:]) and finer.spacing[1:] == pytest.approx(trained.spacing[1:])

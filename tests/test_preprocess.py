@@ -331,3 +331,28 @@ def test_histogram_shift_in_augment_is_seeded_and_leaves_the_other_streams_alone
     torch.testing.assert_close(b, c)
     with pytest.raises(FemursegError):
         AugmentConfig(histogram_points=(2, 5))
+
+
+def test_in_millimetres_keeps_the_training_grid_and_adapts_to_other_spacings():
+    from femurseg.data.preprocess import plan
+
+    cfg = PreprocessConfig()  # the default: 48 slices, in-plane x0.5
+    mm = cfg.in_millimetres((1.5, 0.9375, 0.9375))
+    assert mm.spacing_mm == (1.875, 1.875) and mm.crop_mm == pytest.approx(72.0)
+    # on the training spacing: the grid of the factor and the slice count, exactly
+    for shape in ((60, 128, 128), (48, 127, 131), (30, 128, 96)):
+        a, b = plan(shape, (1.5, 0.9375, 0.9375), cfg), plan(shape, (1.5, 0.9375, 0.9375), mm)
+        assert (a.slice_start, a.slice_stop, a.shape, a.spacing) == (b.slice_start, b.slice_stop, b.shape, b.spacing)
+    # a scan with pixels half the size, thin slices: the same millimetres reach the network
+    fine = plan((120, 256, 256), (0.75, 0.46875, 0.46875), mm)
+    assert fine.shape == (96, 64, 64) and fine.spacing[1:] == pytest.approx((1.875, 1.875))
+    assert (fine.slice_stop - fine.slice_start) * 0.75 == pytest.approx(72.0)
+    # only a zoom factor is converted: the paper's fixed size and "no resampling" stay as they are
+    paper = PreprocessConfig.preset("paper")
+    assert paper.in_millimetres((1.5, 0.5, 0.5)) == paper
+    assert PreprocessConfig.preset("ct").in_millimetres((1.0, 1.0, 1.0)) == PreprocessConfig.preset("ct")
+    assert PreprocessConfig.from_dict(mm.to_dict()) == mm
+    with pytest.raises(FemursegError):
+        PreprocessConfig(spacing_mm=(0.0, 1.0))
+    with pytest.raises(FemursegError):
+        PreprocessConfig(crop_mm=-1.0)

@@ -159,6 +159,12 @@ def _orientation(geometry: Geometry) -> np.ndarray:
     return nio.ornt_transform(native, nio.axcodes2ornt(CANONICAL_AXCODES))
 
 
+def _canonical_spacing(geometry: Geometry, to_canonical: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the canonical axes (the column norms of the canonical affine)."""
+    affine = geometry.numpy_affine() @ nio.inv_ornt_aff(to_canonical, geometry.size[::-1])
+    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+
+
 def from_sitk(img: sitk.Image, source: str = "", dtype: np.dtype | type | None = np.float32) -> Volume:
     """Wrap a 3D SimpleITK image as a canonical :class:`Volume`."""
     geometry = Geometry.from_sitk(img)
@@ -167,9 +173,24 @@ def from_sitk(img: sitk.Image, source: str = "", dtype: np.dtype | type | None =
     data = np.ascontiguousarray(nio.apply_orientation(arr, t))
     if dtype is not None:
         data = data.astype(dtype, copy=False)
-    vol = Volume(data, (0.0, 0.0, 0.0), geometry, t, source)
-    vol.spacing = tuple(float(s) for s in np.linalg.norm(vol.affine[:3, :3], axis=0))
-    return vol
+    return Volume(data, _canonical_spacing(geometry, t), geometry, t, source)
+
+
+def read_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
+    """Voxel size in mm along the canonical ``(A, I, L)`` axes of an image, read from the file's
+    header alone where the format allows (NIfTI, NRRD, MHA); a DICOM folder is read whole."""
+    p = Path(path)
+    if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise FemursegError(f"{p}: unreadable or truncated image: {_first_line(exc)}") from None
+        if reader.GetDimension() == 3:
+            geometry = Geometry.from_sitk(reader)  # the reader has the image's geometry getters
+            return _canonical_spacing(geometry, _orientation(geometry))
+    return read_image(p).spacing
 
 
 def make_volume(

@@ -3,10 +3,12 @@
 Steps, in order, on a canonical ``(A, I, L)`` volume ``(n_coronal, rows, cols)``:
 
 1. **Crop** to the central ``crop_slices`` coronal slices (paper: the central 48 of 60, 7.2 cm,
-   covering the proximal femur). A volume with fewer slices is kept whole. When the surplus is
-   odd the extra slice is dropped at the anterior end (index ``start = (n - N) // 2``).
-2. **In-plane resampling** of every coronal slice to ``target_size = (rows, cols)``, or by
-   ``scale`` (a factor, 0.5 halves rows and columns); paper: 512 x 512 -> 256 x 256 with
+   covering the proximal femur), or to the central slab of ``crop_mm`` millimetres (the slice
+   count rounded from the scan's slice spacing). A volume with fewer slices is kept whole. When
+   the surplus is odd the extra slice is dropped at the anterior end (``start = (n - N) // 2``).
+2. **In-plane resampling** of every coronal slice to ``target_size = (rows, cols)``, to pixels of
+   ``spacing_mm = (row_mm, col_mm)`` (sizes rounded), or by ``scale`` (a factor, 0.5 halves rows
+   and columns); paper: 512 x 512 -> 256 x 256 with
    bicubic spline interpolation. Images use ``scipy.ndimage.zoom(order=3)`` (a true cubic
    B-spline, as in the paper, not PyTorch's cubic-convolution "bicubic"); labels use
    per-class linear interpolation then argmax (``label_interp="linear"``: for a binary mask
@@ -28,6 +30,14 @@ hand-segmented masks").
 
 Defaults (``PreprocessConfig()``) are the CPU-friendly ones used by ``femurseg cv``;
 ``PreprocessConfig.preset("paper")`` gives the paper's (48 slices, 256 x 256, z-score).
+
+Millimetres, not voxels. The paper's steps are in voxels because its scans shared one protocol.
+``femurseg cv`` fixes the default preset's factor and slice count in millimetres for the
+training data (:meth:`PreprocessConfig.in_millimetres`: ``spacing_mm`` = median training pixel
+size / ``scale``, ``crop_mm`` = ``crop_slices`` x median slice spacing) and stores them in the
+run, so the network sees the femur at the size it was trained on whatever a new scan's pixel
+size and slice spacing; on the training data itself nothing changes. The slice axis is not
+resampled (as in the papers); the paper preset (fixed ``target_size``) is kept as it is.
 """
 
 from __future__ import annotations
@@ -51,8 +61,11 @@ class PreprocessConfig:
 
     Attributes:
         crop_slices: keep the central N coronal slices (None: keep all). Paper: 48.
-        target_size: in-plane size ``(rows, cols)`` after resampling (None: see ``scale``).
-        scale: in-plane zoom factor used when ``target_size`` is None (None or 1: no resampling).
+        crop_mm: keep the central slab of this thickness in mm instead (None: ``crop_slices``).
+        target_size: in-plane size ``(rows, cols)`` after resampling (None: see ``spacing_mm``).
+        spacing_mm: in-plane pixel size ``(row_mm, col_mm)`` after resampling, when no
+            ``target_size`` (None: see ``scale``).
+        scale: in-plane zoom factor when neither is set (None or 1: no resampling).
         normalise: "zscore", "percentile", "ct" or "none".
         percentiles: (low, high) percentiles clipped before the z-score for "percentile".
         ct_window: (low, high) Hounsfield window for "ct", mapped to [0, 1].
@@ -62,6 +75,8 @@ class PreprocessConfig:
     crop_slices: int | None = 48
     target_size: tuple[int, int] | None = None
     scale: float | None = 0.5
+    spacing_mm: tuple[float, float] | None = None
+    crop_mm: float | None = None
     normalise: str = "zscore"
     percentiles: tuple[float, float] = (1.0, 99.0)
     ct_window: tuple[float, float] = (-200.0, 1800.0)
@@ -70,6 +85,8 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.target_size is not None:
             self.target_size = tuple(int(v) for v in self.target_size)  # type: ignore[assignment]
+        if self.spacing_mm is not None:
+            self.spacing_mm = tuple(float(v) for v in self.spacing_mm)  # type: ignore[assignment]
         self.percentiles = tuple(float(v) for v in self.percentiles)  # type: ignore[assignment]
         self.ct_window = tuple(float(v) for v in self.ct_window)  # type: ignore[assignment]
         self.validate()
@@ -82,6 +99,10 @@ class PreprocessConfig:
             raise FemursegError(f"preprocessing: target_size={self.target_size} must be two sizes >= 2 (rows, cols)")
         if self.scale is not None and not (0 < float(self.scale) <= 8):
             raise FemursegError(f"preprocessing: scale={self.scale} must be in (0, 8]")
+        if self.spacing_mm is not None and (len(self.spacing_mm) != 2 or min(self.spacing_mm) <= 0):
+            raise FemursegError(f"preprocessing: spacing_mm={self.spacing_mm} must be two pixel sizes > 0 (row, col mm)")
+        if self.crop_mm is not None and float(self.crop_mm) <= 0:
+            raise FemursegError(f"preprocessing: crop_mm={self.crop_mm} must be > 0 (or None)")
         if self.normalise not in NORMALISATIONS:
             raise FemursegError(f"preprocessing: normalise={self.normalise!r} is not one of {', '.join(NORMALISATIONS)}")
         lo, hi = self.percentiles
@@ -107,6 +128,23 @@ class PreprocessConfig:
         if unknown:
             raise FemursegError(f"preprocessing: unknown option(s) {', '.join(unknown)}")
         return cls(**d)
+
+    def in_millimetres(self, spacing: tuple[float, float, float]) -> PreprocessConfig:
+        """This configuration with the in-plane ``scale`` and the ``crop_slices`` turned into
+        ``spacing_mm`` and ``crop_mm`` for data of (median) canonical ``spacing`` (mm, A x I x L).
+
+        Only a zoom by ``scale`` is converted (with no ``target_size`` or ``spacing_mm`` set), and
+        the crop with it; anything else is returned unchanged. On data of exactly ``spacing``
+        the result preprocesses to the same grid as ``self``.
+        """
+        if self.target_size is not None or self.spacing_mm is not None or self.scale is None:
+            return self
+        sp = [float(v) for v in spacing]
+        d = self.to_dict()
+        d["spacing_mm"] = [sp[1] / float(self.scale), sp[2] / float(self.scale)]
+        if self.crop_slices is not None and self.crop_mm is None:
+            d["crop_mm"] = float(self.crop_slices) * sp[0]
+        return PreprocessConfig.from_dict(d)
 
     @classmethod
     def preset(cls, name: str) -> PreprocessConfig:
@@ -156,15 +194,20 @@ def plan(shape: tuple[int, ...], spacing: tuple[float, ...], cfg: PreprocessConf
     if len(shape) != 3:
         raise FemursegError(f"preprocessing: expected a 3D volume, got shape {tuple(shape)}")
     n, h, w = (int(s) for s in shape)
-    keep = n if cfg.crop_slices is None else min(int(cfg.crop_slices), n)
+    sp = tuple(float(s) for s in spacing)
+    if cfg.crop_mm is not None:
+        keep = min(max(1, int(round(float(cfg.crop_mm) / sp[0]))), n)
+    else:
+        keep = n if cfg.crop_slices is None else min(int(cfg.crop_slices), n)
     start = (n - keep) // 2
     if cfg.target_size is not None:
         th, tw = cfg.target_size
+    elif cfg.spacing_mm is not None:
+        th, tw = (max(2, int(round(h * sp[1] / cfg.spacing_mm[0]))), max(2, int(round(w * sp[2] / cfg.spacing_mm[1]))))
     elif cfg.scale is not None and float(cfg.scale) != 1.0:
         th, tw = max(2, int(round(h * cfg.scale))), max(2, int(round(w * cfg.scale)))
     else:
         th, tw = h, w
-    sp = tuple(float(s) for s in spacing)
     new_spacing = (sp[0], sp[1] * h / th, sp[2] * w / tw)
     return PrepInfo((n, h, w), sp, start, start + keep, (keep, th, tw), new_spacing)
 

@@ -320,6 +320,9 @@ def run_cv(
         _kind = stored.get("kind", _kind)
     else:
         cfgs = resolve_configs(preset, model_cfg, prep_cfg, train_cfg, aug_cfg)
+        # the preset's zoom factor and slice count, fixed in mm for this data (predict then adapts to any spacing)
+        cfgs["preprocess"] = PreprocessConfig.from_dict(cfgs["preprocess"]).in_millimetres(
+            median_spacing(ds)).to_dict()
         if split_file is not None:
             split = load_split(split_file, ds)
         elif _kind == "cv":
@@ -509,6 +512,12 @@ def _fold_worker(argv: list[str]) -> int:
         return 1
     write_json(out, row)
     return 0
+
+
+def median_spacing(ds: Dataset) -> tuple[float, float, float]:
+    """Median canonical voxel size (mm, A x I x L) of the dataset's images, from their headers."""
+    sp = np.array([io.read_spacing(c.image) for c in ds.cases], dtype=float)
+    return tuple(float(v) for v in np.median(sp, axis=0))
 
 
 def train_spacing(prepared: dict[str, Prepared]) -> list[float]:
