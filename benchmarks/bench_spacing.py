@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cohort = a.work / "cohort"
     if not (cohort / "dataset.json").exists():
+        a.work.mkdir(parents=True, exist_ok=True)
         synthesize(cohort, n=a.cases, modality="mr", seed=a.seed, progress=False)
     runs = run_copies(a.run, a.work)
     cases: list[dict[str, Any]] = []
