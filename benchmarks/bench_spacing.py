@@ -70,7 +70,7 @@ def run_copies(run: Path, work: Path) -> dict[str, Path]:
 
     config = json.loads((run / "config.json").read_text())
     prep = PreprocessConfig.from_dict(config["preprocess"])
-    voxels = {**prep.to_dict(), "spacing_mm": None, "crop_mm": None}
+    voxels = {**prep.to_dict(), "spacing_mm": None, "crop_mm": None, "slice_mm": None}
     mm = PreprocessConfig.from_dict(voxels).in_millimetres(tuple(config["train_spacing"])).to_dict()
     out = {}
     for mode, p in (("mm", mm), ("voxels", voxels)):

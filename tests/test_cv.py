@@ -203,8 +203,8 @@ def test_parallel_fold_processes_match_the_sequential_run(cv_run, tiny, tmp_path
 
 
 def test_a_run_fixes_the_zoom_and_crop_in_millimetres(tiny, tmp_path):
-    """The preset's factor and slice count are stored as mm, so a finer scan reaches the
-    network on the training grid."""
+    """The preset's factor, slice count and slice spacing are stored as mm, so a finer scan
+    reaches the network on the training grid."""
     from femurseg.data.preprocess import plan
 
     out = tmp_path / "mm"
@@ -216,4 +216,5 @@ def test_a_run_fixes_the_zoom_and_crop_in_millimetres(tiny, tmp_path):
     trained = plan(vol.data.shape, sp, prep)
     n, h, w = vol.data.shape
     finer = plan((2 * n, 2 * h, 2 * w), (sp[0] / 2, sp[1] / 2, sp[2] / 2), prep)
-    assert finer.shape == (2 * trained.shape[0], *trained.shape[1:]) and finer.spacing[1:] == pytest.approx(trained.spacing[1:])
+    assert finer.shape == trained.shape and finer.spacing == pytest.approx(trained.spacing)
+    assert prep.slice_mm == pytest.approx(sp[0])

@@ -338,15 +338,17 @@ def test_in_millimetres_keeps_the_training_grid_and_adapts_to_other_spacings():
 
     cfg = PreprocessConfig()  # the default: 48 slices, in-plane x0.5
     mm = cfg.in_millimetres((1.5, 0.9375, 0.9375))
-    assert mm.spacing_mm == (1.875, 1.875) and mm.crop_mm == pytest.approx(72.0)
+    assert mm.spacing_mm == (1.875, 1.875) and mm.crop_mm == pytest.approx(72.0) and mm.slice_mm == 1.5
     # on the training spacing: the grid of the factor and the slice count, exactly
     for shape in ((60, 128, 128), (48, 127, 131), (30, 128, 96)):
         a, b = plan(shape, (1.5, 0.9375, 0.9375), cfg), plan(shape, (1.5, 0.9375, 0.9375), mm)
         assert (a.slice_start, a.slice_stop, a.shape, a.spacing) == (b.slice_start, b.slice_stop, b.shape, b.spacing)
     # a scan with pixels half the size, thin slices: the same millimetres reach the network
     fine = plan((120, 256, 256), (0.75, 0.46875, 0.46875), mm)
-    assert fine.shape == (96, 64, 64) and fine.spacing[1:] == pytest.approx((1.875, 1.875))
+    assert fine.shape == (48, 64, 64) and fine.spacing == pytest.approx((1.5, 1.875, 1.875))
     assert (fine.slice_stop - fine.slice_start) * 0.75 == pytest.approx(72.0)
+    thick = plan((24, 128, 128), (3.0, 0.9375, 0.9375), mm)
+    assert thick.shape == (48, 64, 64) and thick.slice_stop - thick.slice_start == 24
     # only a zoom factor is converted: the paper's fixed size and "no resampling" stay as they are
     paper = PreprocessConfig.preset("paper")
     assert paper.in_millimetres((1.5, 0.5, 0.5)) == paper
@@ -356,3 +358,33 @@ def test_in_millimetres_keeps_the_training_grid_and_adapts_to_other_spacings():
         PreprocessConfig(spacing_mm=(0.0, 1.0))
     with pytest.raises(FemursegError):
         PreprocessConfig(crop_mm=-1.0)
+
+
+def test_slice_resampling_round_trip():
+    """A slab resampled along the slice axis (and in-plane) comes back on the original grid:
+    probabilities and masks, binary and multi-class."""
+    from femurseg.data.preprocess import plan
+
+    shape, spacing = (20, 32, 36), (3.0, 1.0, 1.0)
+    lab = np.zeros(shape, np.uint8)
+    lab[5:15, 8:24, 10:26] = 1
+    lab[8:12, 12:20, 14:22] = 2
+    img = lab.astype(np.float32) * 100 + 10
+    cfg = PreprocessConfig(crop_slices=None, scale=0.5, slice_mm=1.5)
+    x, info = preprocess_image(img, spacing, cfg)
+    assert x.shape == (40, 16, 18) == info.shape and info.spacing == pytest.approx((1.5, 2.0, 2.0)) and info.resampled
+    y = preprocess_label(lab, info, cfg, num_classes=3)
+    assert y.shape == info.shape and set(np.unique(y)) == {0, 1, 2}
+    back = restore(y, info, order=0)
+    assert back.shape == shape and back.dtype == np.uint8
+    fg, ref = back > 0, lab > 0
+    assert 2 * (fg & ref).sum() / (fg.sum() + ref.sum()) > 0.9
+    probs = restore((y > 0).astype(np.float32), info)
+    assert probs.shape == shape and probs.dtype == np.float32 and 0 <= probs.min() and probs.max() <= 1
+    onehot = np.stack([(y == c).astype(np.float32) for c in range(3)])
+    assert restore(onehot, info).shape == (3, *shape)
+    # no slice resampling when the scan is already at slice_mm: the same arrays as without it
+    same = PreprocessConfig(crop_slices=None, scale=0.5)
+    x1, _ = preprocess_image(img, (1.5, 1.0, 1.0), PreprocessConfig(crop_slices=None, scale=0.5, slice_mm=1.5))
+    x2, _ = preprocess_image(img, (1.5, 1.0, 1.0), same)
+    assert np.array_equal(x1, x2) and plan(shape, (3.0, 1.0, 1.0), same).shape[0] == 20

@@ -8,7 +8,8 @@ Steps, in order, on a canonical ``(A, I, L)`` volume ``(n_coronal, rows, cols)``
    the surplus is odd the extra slice is dropped at the anterior end (``start = (n - N) // 2``).
 2. **In-plane resampling** of every coronal slice to ``target_size = (rows, cols)``, to pixels of
    ``spacing_mm = (row_mm, col_mm)`` (sizes rounded), or by ``scale`` (a factor, 0.5 halves rows
-   and columns); paper: 512 x 512 -> 256 x 256 with
+   and columns), then, with ``slice_mm``, along the slice axis to slices of that spacing;
+   paper: 512 x 512 -> 256 x 256 with
    bicubic spline interpolation. Images use ``scipy.ndimage.zoom(order=3)`` (a true cubic
    B-spline, as in the paper, not PyTorch's cubic-convolution "bicubic"); labels use
    per-class linear interpolation then argmax (``label_interp="linear"``: for a binary mask
@@ -35,9 +36,11 @@ Millimetres, not voxels. The paper's steps are in voxels because its scans share
 ``femurseg cv`` fixes the default preset's factor and slice count in millimetres for the
 training data (:meth:`PreprocessConfig.in_millimetres`: ``spacing_mm`` = median training pixel
 size / ``scale``, ``crop_mm`` = ``crop_slices`` x median slice spacing) and stores them in the
-run, so the network sees the femur at the size it was trained on whatever a new scan's pixel
-size and slice spacing; on the training data itself nothing changes. The slice axis is not
-resampled (as in the papers); the paper preset (fixed ``target_size``) is kept as it is.
+run, with ``slice_mm`` = the median training slice spacing, so the network sees the femur at
+the size it was trained on whatever a new scan's pixel size and slice spacing (nnU-Net's
+target spacing); on the training data itself nothing changes (a scan already at ``slice_mm``
+is not resampled along the slice axis). The paper preset (fixed ``target_size``, no slice
+resampling, as in the papers) is kept as it is.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class PreprocessConfig:
         spacing_mm: in-plane pixel size ``(row_mm, col_mm)`` after resampling, when no
             ``target_size`` (None: see ``scale``).
         scale: in-plane zoom factor when neither is set (None or 1: no resampling).
+        slice_mm: resample the (cropped) slab along the slice axis to slices of this spacing in
+            mm, the count rounded (None: keep the slices).
         normalise: "zscore", "percentile", "ct" or "none".
         percentiles: (low, high) percentiles clipped before the z-score for "percentile".
         ct_window: (low, high) Hounsfield window for "ct", mapped to [0, 1].
@@ -77,6 +82,7 @@ class PreprocessConfig:
     scale: float | None = 0.5
     spacing_mm: tuple[float, float] | None = None
     crop_mm: float | None = None
+    slice_mm: float | None = None
     normalise: str = "zscore"
     percentiles: tuple[float, float] = (1.0, 99.0)
     ct_window: tuple[float, float] = (-200.0, 1800.0)
@@ -103,6 +109,8 @@ class PreprocessConfig:
             raise FemursegError(f"preprocessing: spacing_mm={self.spacing_mm} must be two pixel sizes > 0 (row, col mm)")
         if self.crop_mm is not None and float(self.crop_mm) <= 0:
             raise FemursegError(f"preprocessing: crop_mm={self.crop_mm} must be > 0 (or None)")
+        if self.slice_mm is not None and float(self.slice_mm) <= 0:
+            raise FemursegError(f"preprocessing: slice_mm={self.slice_mm} must be > 0 (or None)")
         if self.normalise not in NORMALISATIONS:
             raise FemursegError(f"preprocessing: normalise={self.normalise!r} is not one of {', '.join(NORMALISATIONS)}")
         lo, hi = self.percentiles
@@ -131,7 +139,8 @@ class PreprocessConfig:
 
     def in_millimetres(self, spacing: tuple[float, float, float]) -> PreprocessConfig:
         """This configuration with the in-plane ``scale`` and the ``crop_slices`` turned into
-        ``spacing_mm`` and ``crop_mm`` for data of (median) canonical ``spacing`` (mm, A x I x L).
+        ``spacing_mm`` and ``crop_mm``, and ``slice_mm`` set to the slice spacing, for data of
+        (median) canonical ``spacing`` (mm, A x I x L).
 
         Only a zoom by ``scale`` is converted (with no ``target_size`` or ``spacing_mm`` set), and
         the crop with it; anything else is returned unchanged. On data of exactly ``spacing``
@@ -144,6 +153,8 @@ class PreprocessConfig:
         d["spacing_mm"] = [sp[1] / float(self.scale), sp[2] / float(self.scale)]
         if self.crop_slices is not None and self.crop_mm is None:
             d["crop_mm"] = float(self.crop_slices) * sp[0]
+        if self.slice_mm is None:
+            d["slice_mm"] = sp[0]
         return PreprocessConfig.from_dict(d)
 
     @classmethod
@@ -176,7 +187,8 @@ class PrepInfo:
 
     @property
     def resampled(self) -> bool:
-        return self.shape[1:] != self.original_shape[1:]
+        """True when the slab was resampled in-plane or along the slice axis."""
+        return self.shape[1:] != self.original_shape[1:] or self.shape[0] != self.slice_stop - self.slice_start
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -208,8 +220,9 @@ def plan(shape: tuple[int, ...], spacing: tuple[float, ...], cfg: PreprocessConf
         th, tw = max(2, int(round(h * cfg.scale))), max(2, int(round(w * cfg.scale)))
     else:
         th, tw = h, w
-    new_spacing = (sp[0], sp[1] * h / th, sp[2] * w / tw)
-    return PrepInfo((n, h, w), sp, start, start + keep, (keep, th, tw), new_spacing)
+    nd = keep if cfg.slice_mm is None else max(1, int(round(keep * sp[0] / float(cfg.slice_mm))))
+    new_spacing = (sp[0] * keep / nd, sp[1] * h / th, sp[2] * w / tw)
+    return PrepInfo((n, h, w), sp, start, start + keep, (nd, th, tw), new_spacing)
 
 
 def _zoom_inplane(arr: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
@@ -240,6 +253,15 @@ def _zoom_inplane(arr: np.ndarray, size: tuple[int, int], order: int) -> np.ndar
     return out.reshape(*arr.shape[:-2], *size)
 
 
+def _zoom_slices(arr: np.ndarray, n: int, order: int) -> np.ndarray:
+    """Resample the slice axis of ``arr`` (..., D, H, W) to ``n`` slices (area-aligned, as
+    :func:`_zoom_inplane`: a 2D zoom of every (D, W) plane with factor 1 along W, which the
+    interpolating spline leaves unchanged)."""
+    if arr.shape[-3] == n:
+        return arr
+    return np.ascontiguousarray(_zoom_inplane(np.swapaxes(arr, -3, -2), (n, arr.shape[-1]), order).swapaxes(-3, -2))
+
+
 def _threads() -> int:
     """Worker threads for slice-parallel resampling: torch's intra-op thread count (the cores
     femurseg is allowed to use), at least 1."""
@@ -266,6 +288,7 @@ def preprocess_image(data: np.ndarray, spacing: tuple[float, float, float], cfg:
     info = plan(data.shape, spacing, cfg)
     arr = np.asarray(data[info.slice_start:info.slice_stop], dtype=np.float32)
     arr = _zoom_inplane(arr, info.shape[1:], order=3)
+    arr = _zoom_slices(arr, info.shape[0], order=3)
     arr, info.stats = normalise(arr, cfg)
     return np.ascontiguousarray(arr, dtype=np.float32), info
 
@@ -301,7 +324,15 @@ def preprocess_label(label: np.ndarray, info: PrepInfo, cfg: PreprocessConfig | 
         raise FemursegError(f"label shape {tuple(label.shape)} differs from the image shape {info.original_shape}")
     lab = np.asarray(label[info.slice_start:info.slice_stop]).astype(np.uint8, copy=False)
     interp = cfg.label_interp if cfg is not None else "linear"
-    return resample_label(lab, info.shape[1:], interp, num_classes)
+    return _resample_label_slices(resample_label(lab, info.shape[1:], interp, num_classes), info.shape[0], interp,
+                                  num_classes)
+
+
+def _resample_label_slices(lab: np.ndarray, n: int, interp: str, num_classes: int | None) -> np.ndarray:
+    """:func:`resample_label` along the slice axis of ``lab`` (D, H, W) to ``n`` slices."""
+    if lab.shape[0] == n:
+        return lab
+    return np.ascontiguousarray(resample_label(lab.swapaxes(0, 1), (n, lab.shape[2]), interp, num_classes).swapaxes(0, 1))
 
 
 def resample_label(lab: np.ndarray, size: tuple[int, int], interp: str = "linear",
@@ -344,12 +375,14 @@ def restore(pred: np.ndarray, info: PrepInfo, order: int = 1) -> np.ndarray:
         raise FemursegError(f"prediction shape {tuple(pred.shape[-3:])} differs from the preprocessed shape {info.shape}")
     dtype = pred.dtype
     size = info.original_shape[1:]
+    keep = info.slice_stop - info.slice_start
     if not np.issubdtype(dtype, np.floating):  # a mask / label map
         if multi:
             raise FemursegError("restore: a (C, D, H, W) prediction must be floating point")
-        up = resample_label(pred, size, "linear" if order > 0 else "nearest").astype(dtype)
+        interp = "linear" if order > 0 else "nearest"
+        up = resample_label(_resample_label_slices(pred, keep, interp, None), size, interp).astype(dtype)
     else:
-        up = _zoom_inplane(pred, size, order=order)
+        up = _zoom_inplane(_zoom_slices(pred, keep, order=order), size, order=order)
         if order > 1:
             up = np.clip(up, 0.0, 1.0)
     lead = (pred.shape[0],) if multi else ()

@@ -234,8 +234,11 @@ def check_volume(pred: Predictor, vol: io.Volume, notify: Notify = _stderr_notic
         ratio = np.maximum(have / want, want / have)
         if np.any(ratio > SPACING_WARN_FACTOR):
             fmt = lambda v: " x ".join(f"{x:.3g}" for x in v)  # noqa: E731
+            adapts = getattr(pred.prep, "spacing_mm", None) is not None  # the run resamples to its mm grid
             notify(f"warning: {vol.source}: voxel spacing {fmt(have)} mm is far from the training data's "
-                   f"{fmt(want)} mm (A x I x L); the segmentation may be poor")
+                   f"{fmt(want)} mm (A x I x L); "
+                   + ("it is resampled to the training grid, but detail the scan lacks is not recovered"
+                      if adapts else "the segmentation may be poor"))
 
 
 # ---------------------------------------------------------------------------------------------
