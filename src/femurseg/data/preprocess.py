@@ -40,7 +40,9 @@ run, with ``slice_mm`` = the median training slice spacing, so the network sees 
 the size it was trained on whatever a new scan's pixel size and slice spacing (nnU-Net's
 target spacing); on the training data itself nothing changes (a scan already at ``slice_mm``
 is not resampled along the slice axis). The paper preset (fixed ``target_size``, no slice
-resampling, as in the papers) is kept as it is.
+resampling, as in the papers) is kept as it is, and so is the CT preset (no zoom factor to
+convert; the cascade keeps the voxels as acquired: resampling CT to a target spacing is not
+measured yet).
 """
 
 from __future__ import annotations
