@@ -388,3 +388,26 @@ def test_slice_resampling_round_trip():
     x1, _ = preprocess_image(img, (1.5, 1.0, 1.0), PreprocessConfig(crop_slices=None, scale=0.5, slice_mm=1.5))
     x2, _ = preprocess_image(img, (1.5, 1.0, 1.0), same)
     assert np.array_equal(x1, x2) and plan(shape, (3.0, 1.0, 1.0), same).shape[0] == 20
+
+
+def test_body_normalisation_does_not_depend_on_the_air_around_the_body():
+    from femurseg.data.preprocess import normalise
+
+    rng = np.random.default_rng(0)
+    body = rng.normal(800.0, 300.0, (8, 40, 40)).clip(150, None).astype(np.float32)  # tissue
+    air = lambda shape: np.abs(rng.normal(0.0, 20.0, shape)).astype(np.float32)  # noqa: E731 (Rician-like)
+    small = np.concatenate([air((8, 40, 5)), body, air((8, 40, 5))], axis=2)
+    large = np.concatenate([air((8, 40, 60)), body, air((8, 40, 60))], axis=2)
+    cfg = PreprocessConfig(normalise="body")
+    zs, s1 = normalise(small, cfg)
+    zl, s2 = normalise(large, cfg)
+    # the body's voxels get the same values whatever the field of view holds around them
+    np.testing.assert_allclose(zs[:, :, 5:45], zl[:, :, 60:100], atol=0.02)
+    assert s2["body_fraction"] < s1["body_fraction"] < 1
+    # the plain z-score moves with the air
+    z1, _ = normalise(small, PreprocessConfig(normalise="zscore"))
+    z2, _ = normalise(large, PreprocessConfig(normalise="zscore"))
+    assert np.abs(z1[:, :, 5:45] - z2[:, :, 60:100]).mean() > 0.3
+    # a blank image: too few body voxels, the whole volume's statistics, finite output
+    zb, sb = normalise(np.zeros((8, 16, 16), np.float32), cfg)
+    assert np.isfinite(zb).all() and sb["body_fraction"] == 0

@@ -17,7 +17,11 @@ Steps, in order, on a canonical ``(A, I, L)`` volume ``(n_coronal, rows, cols)``
    or nearest neighbour. The zoom maps pixel *areas* (``grid_mode=True``): the resampled
    pixel size is ``spacing * old / new`` and the field of view is unchanged, so
    :func:`restore` is the exact geometric inverse.
-3. **Intensity normalisation**: ``"zscore"`` (default; mean 0, SD 1 over the cropped volume),
+3. **Intensity normalisation**: ``"zscore"`` (mean 0, SD 1 over the cropped volume), ``"body"``
+   (the same with the mean and SD of the body alone: the voxels above ``min + BODY_LEVEL x
+   (p99 - min)``, so air and dark background are left out of the statistics and the result does
+   not depend on how much of the field of view they fill; nnU-Net's ``use_mask_for_norm`` with a
+   body mask in place of its non-zero mask, since scanner air is noise, not zero),
    ``"percentile"`` (clip to the ``percentiles`` of the volume, e.g. (1, 99), then z-score),
    ``"ct"`` (clip Hounsfield units to ``ct_window`` and scale it linearly to [0, 1]) or ``"none"``.
    Normalisation runs after resampling (statistics of what the network sees).
@@ -56,7 +60,12 @@ from scipy import ndimage
 
 from femurseg.core.errors import FemursegError
 
-NORMALISATIONS = ("zscore", "percentile", "ct", "none")
+NORMALISATIONS = ("zscore", "body", "percentile", "ct", "none")
+BODY_LEVEL = 0.1
+"""``"body"`` normalisation: the body is what lies above this fraction of the way from the
+volume's minimum to its 99th percentile (air noise is below it, muscle at 0.2-0.5 of fat above)."""
+BODY_MIN_VOXELS = 1000
+"""Fewer body voxels than this (a blank or near-constant image): the whole volume's statistics."""
 LABEL_INTERPS = ("linear", "nearest")
 
 
@@ -304,6 +313,15 @@ def normalise(arr: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[
         lo, hi = cfg.ct_window
         return ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32), {"low": lo, "high": hi}
     stats: dict[str, float] = {}
+    if cfg.normalise == "body":
+        lo = float(arr.min())
+        level = lo + BODY_LEVEL * (float(np.percentile(arr, 99.0)) - lo)
+        body = arr > level
+        n = int(np.count_nonzero(body))
+        values = arr[body] if n >= BODY_MIN_VOXELS else arr
+        mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+        stats.update(mean=mean, std=std, body_level=level, body_fraction=n / arr.size)
+        return ((arr - mean) / max(std, 1e-6)).astype(np.float32), stats
     if cfg.normalise == "percentile":
         lo, hi = (float(v) for v in np.percentile(arr, cfg.percentiles))
         arr = np.clip(arr, lo, hi)
