@@ -411,3 +411,36 @@ def test_body_normalisation_does_not_depend_on_the_air_around_the_body():
     # a blank image: too few body voxels, the whole volume's statistics, finite output
     zb, sb = normalise(np.zeros((8, 16, 16), np.float32), cfg)
     assert np.isfinite(zb).all() and sb["body_fraction"] == 0
+
+
+def test_translation_moves_image_and_label_together_and_fills_with_air():
+    from femurseg.data.augment import _spatial
+
+    shape = (4, 16, 20)
+    lab = torch.zeros((1, *shape), dtype=torch.long)
+    lab[0, :, 4:10, 6:12] = 1
+    img = lab[:, None].float() * 5 + 1.0  # background 1, femur 6; the minimum is 1
+    img[0, 0, :, 0, :] = 3.0  # a bright top row: with "edge" fill it would be copied in
+    one = torch.ones(1, dtype=torch.float64)
+    shift = torch.tensor([[0.25, -0.1]], dtype=torch.float64)  # a quarter of the rows, a tenth of the columns
+    out, olab = _spatial(img, lab, one, 0 * one, 3, shift=shift, fill="air")
+    assert int(olab.sum()) == int(lab.sum())  # moved, not cut
+    rows = olab[0].nonzero()[:, 1]
+    cols = olab[0].nonzero()[:, 2]
+    # a shift of the sampling grid by f moves the content by -f of the extent: up 4 rows, right 2 columns
+    assert (int(rows.min()), int(rows.max())) == (0, 5) and (int(cols.min()), int(cols.max())) == (8, 13)
+    assert torch.allclose(out[0, 0, :, -4:, :], torch.tensor(1.0))  # the rows that came in are air
+    edge, _ = _spatial(img, lab, one, 0 * one, 3, shift=-shift, fill="edge")
+    assert torch.allclose(edge[0, 0, :, :4, :], torch.tensor(3.0))  # edge fill copies the border row
+    with pytest.raises(FemursegError):
+        AugmentConfig(translate=1.0)
+    with pytest.raises(FemursegError):
+        AugmentConfig(fill="zero")
+    # through augment: reproducible, and the caller's stream is the one without translation
+    cfg = AugmentConfig(translate=0.2, fill="air", spatial_p=1.0)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    a = augment(img, lab, cfg, g1)
+    augment(img, lab, AugmentConfig(spatial_p=1.0, scale=0.1), g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    b = augment(img, lab, cfg, torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -10,7 +10,11 @@ default trainer and batchgeneratorsv2 are the model for the kinds, ranges and pr
   coronal plane about the other two axes (``+-tilt_deg``), isotropic zoom by a factor uniform in
   ``1 +- scale`` about the volume centre, and an **elastic** deformation (``elastic_mm``: the
   standard deviation of a random displacement in mm on control points every
-  ``elastic_grid_mm``, interpolated trilinearly). Rotations are rigid in millimetres, not in
+  ``elastic_grid_mm``, interpolated trilinearly), and a **translation** along rows and columns
+  uniform in ``+-translate`` of the extent. What comes in from outside the field of view is the
+  edge value (``fill="edge"``) or the sample's minimum (``fill="air"``: the field of view's
+  border moves and air appears beyond it, as in a scan with a larger or shifted field of view,
+  so the network cannot use the border as a landmark). Rotations are rigid in millimetres, not in
   voxels: the batch's ``spacing`` turns them into voxel units, so anisotropic voxels (1.5 mm
   slices, 0.5-2 mm pixels) are not sheared.
 * **Intensity** (images are z-score normalised, so the units are standard deviations):
@@ -73,6 +77,8 @@ class AugmentConfig:
     tilt_deg: float = 0.0
     elastic_mm: float = 0.0
     elastic_grid_mm: float = 24.0
+    translate: float = 0.0
+    fill: str = "edge"
     spatial_p: float = 1.0
     noise_p: float = 1.0
     blur_sigma: tuple[float, float] = (0.5, 1.0)
@@ -105,6 +111,10 @@ class AugmentConfig:
         for name in ("scale", "brightness_mul", "contrast"):
             if getattr(self, name) >= 1:
                 raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be < 1 (factor 1 +- {name})")
+        if not 0 <= self.translate < 1:
+            raise FemursegError(f"augmentation: translate={self.translate} must be in [0, 1) (a fraction of the extent)")
+        if self.fill not in ("edge", "air"):
+            raise FemursegError(f"augmentation: fill={self.fill!r} must be 'edge' or 'air'")
         if self.elastic_grid_mm <= 0:
             raise FemursegError(f"augmentation: elastic_grid_mm={self.elastic_grid_mm} must be > 0")
         for name, lo_min in (("blur_sigma", 0.0), ("lowres", 0.0), ("gamma", 0.0)):
@@ -119,7 +129,8 @@ class AugmentConfig:
 
     @property
     def spatial(self) -> bool:
-        return self.spatial_p > 0 and (self.scale > 0 or self.rotate_deg > 0 or self.tilt_deg > 0 or self.elastic_mm > 0)
+        return self.spatial_p > 0 and (self.scale > 0 or self.rotate_deg > 0 or self.tilt_deg > 0 or self.elastic_mm > 0
+                                       or self.translate > 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -206,8 +217,12 @@ def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: t
         angle = torch.where(keep, torch.zeros_like(angle), angle)
         tilt = torch.where(keep[:, None], torch.zeros_like(tilt), tilt)
         elastic = torch.where(keep, 0.0, cfg.elastic_mm).to(torch.float64)
+        move = None
+        if cfg.translate > 0:  # its own generator, so the streams of the other kinds are as they were
+            tg = torch.Generator(device="cpu").manual_seed(noise_seed + 2)
+            move = _uniform(2 * b, -cfg.translate, cfg.translate, tg).view(b, 2) * (~keep)[:, None]
         image, label = _spatial(image, label, factor, angle, sd, tilt=tilt, spacing=spacing, elastic_mm=elastic,
-                                grid_mm=cfg.elastic_grid_mm, seed=field_seed)
+                                grid_mm=cfg.elastic_grid_mm, seed=field_seed, shift=move, fill=cfg.fill)
     if cfg.brightness > 0:
         image = image + shift.to(image.device, image.dtype).view(b, *([1] * (image.ndim - 1)))
     if cfg.noise_std > 0:
@@ -342,10 +357,13 @@ def _rot(axis: int, a: torch.Tensor) -> torch.Tensor:
 def _spatial(image: torch.Tensor, label: torch.Tensor, factor: torch.Tensor, angle: torch.Tensor,
              spatial_dims: int, *, tilt: torch.Tensor | None = None, spacing: tuple[float, ...] | None = None,
              elastic_mm: torch.Tensor | None = None, grid_mm: float = 24.0,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             seed: int = 0, shift: torch.Tensor | None = None,
+             fill: str = "edge") -> tuple[torch.Tensor, torch.Tensor]:
     """Zoom by ``factor``, rotate rows/cols by ``angle`` and the coronal plane by ``tilt``
     (radians, ``(B, 2)``: about the row and the column axis), and deform elastically by
-    ``elastic_mm`` (``(B,)``), about the centre, rigidly in mm for voxels of ``spacing``."""
+    ``elastic_mm`` (``(B,)``), about the centre, rigidly in mm for voxels of ``spacing``; then
+    shift by ``shift`` (``(B, 2)``: fractions of the extent along rows and columns). Outside the
+    field of view: the edge value (``fill="edge"``) or the sample's minimum (``"air"``)."""
     b = image.shape[0]
     size = tuple(image.shape[2:])
     spacing = tuple(spacing or (1.0,) * spatial_dims)
@@ -363,7 +381,11 @@ def _spatial(image: torch.Tensor, label: torch.Tensor, factor: torch.Tensor, ang
         rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
     inv = (1.0 / factor).view(b, 1, 1)  # output -> input mapping of a zoom by `factor`
     lin = s_inv @ rot.transpose(1, 2) @ s_half * inv
-    theta = torch.cat([lin, torch.zeros(b, spatial_dims, 1, dtype=torch.float64)], dim=2)
+    offset = torch.zeros(b, spatial_dims, 1, dtype=torch.float64)
+    if shift is not None:  # grid coordinates (x = col, y = row): a fraction f of the extent is 2 f
+        offset[:, 0, 0] = 2 * shift[:, 1].double()
+        offset[:, 1, 0] = 2 * shift[:, 0].double()
+    theta = torch.cat([lin, offset], dim=2)
     theta = theta.to(device=image.device, dtype=torch.float32)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     if elastic_mm is not None and bool((elastic_mm > 0).any()):
@@ -375,6 +397,11 @@ def _spatial(image: torch.Tensor, label: torch.Tensor, factor: torch.Tensor, ang
         disp = disp * elastic_mm.float().view(b, 1, *([1] * spatial_dims))
         disp = disp * (2 / extent.float()).view(1, spatial_dims, *([1] * spatial_dims))  # mm -> normalised
         grid = grid + disp.movedim(1, -1).to(grid.device)
-    img = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(image.dtype)
+    if fill == "air":
+        low = image.float().amin(dim=tuple(range(1, image.ndim)), keepdim=True)
+        img = (F.grid_sample(image.float() - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+               + low).to(image.dtype)
+    else:
+        img = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(image.dtype)
     lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return img, lab[:, 0].round().to(label.dtype)
