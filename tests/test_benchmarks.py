@@ -239,3 +239,22 @@ def test_spacing_bench_resamples_over_the_same_field_of_view(tmp_path):
         assert np.allclose(extent, (12.0, 20.0, 24.0))
         vol_mm3 = out.data.sum() * np.prod(out.spacing)
         assert abs(vol_mm3 - lab.sum() * 1.5) / (lab.sum() * 1.5) < 0.2
+
+
+def test_fov_bench_pads_in_plane_and_keeps_the_anatomy_in_place(tmp_path):
+    import bench_fov
+    import numpy as np
+
+    from femurseg.core.io import make_volume, read_image, write_volume
+
+    img = np.full((8, 20, 24), 5.0, np.float32)  # canonical (A, I, L)
+    img[2:6, 5:15, 6:18] = 100.0
+    write_volume(tmp_path / "img.nii.gz", make_volume(img, (1.5, 1.0, 1.0)))
+    bench_fov.pad_inplane(tmp_path / "img.nii.gz", tmp_path / "out.nii.gz", label=False)
+    src, out = read_image(tmp_path / "img.nii.gz"), read_image(tmp_path / "out.nii.gz")
+    p = bench_fov.PAD
+    assert out.data.shape == (8, 20 + 2 * p, 24 + 2 * p)
+    np.testing.assert_array_equal(out.data[:, p:-p, p:-p], img)
+    assert np.all(out.data[:, :p] == 5.0)  # background: the 1st percentile
+    # the original voxels keep their world position
+    np.testing.assert_allclose(out.affine @ [0, p, p, 1], src.affine @ [0, 0, 0, 1], atol=1e-4)

@@ -16,7 +16,7 @@ from helpers import ball, write_dicom_series
 from femurseg.core import io
 from femurseg.core.errors import FemursegError
 from femurseg.inference import predict as P
-from femurseg.inference.tiling import _tile_starts, predict_prob
+from femurseg.inference.tiling import tile_starts, predict_prob
 
 SHAPE, SPACING = (8, 20, 24), (1.5, 0.5, 0.5)
 
@@ -186,7 +186,7 @@ def test_mirrored_tiling_unpadded_2d_full_size_and_tile_count(run2d_unpadded, ti
     shape = (2, 40, 48)
     opts = P.inference_options(pred, shape)
     n = int(np.sqrt(tiles))
-    assert [len(_tile_starts(s, t, opts["overlap"])) for s, t in zip(shape[1:], opts["patch_size"])] == [n, n]
+    assert [len(tile_starts(s, t, opts["overlap"])) for s, t in zip(shape[1:], opts["patch_size"])] == [n, n]
     seen = []
     hook = pred.models[0].register_forward_hook(lambda m, inp, out: seen.append((inp[0].shape[0], out.shape[2:])))
     try:

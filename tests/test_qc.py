@@ -141,3 +141,33 @@ def test_predict_qc_end_to_end(trained_run, tmp_path):
     assert P.predict_command(trained_run, [scans / "hip_101.nii.gz"], out, qc="strict", progress=False,
                              echo=lines.append, notify=notes.append) == 0
     assert out.exists() and P.qc_sidecar(out).exists()
+
+
+def test_predict_matches_a_wider_field_of_view(trained_run, tmp_path):
+    """A scan padded in-plane with background (a wider field of view, the same anatomy) is segmented
+    in windows of the training field of view: its mask is the unpadded scan's, moved."""
+    c = _case(102)
+    pad = 24
+    bg = float(np.percentile(c.image, 1))
+    wide = np.pad(c.image.astype(np.float32), ((0, 0), (pad, pad), (pad, pad)), constant_values=bg)
+    io.write_volume(tmp_path / "plain.nii.gz", io.make_volume(c.image.astype(np.float32), SPACING))
+    io.write_volume(tmp_path / "wide.nii.gz", io.make_volume(wide, SPACING))
+    notes: list[str] = []
+    masks = {}
+    for name, fov in (("plain", "match"), ("wide", "match"), ("wide_full", "full")):
+        src = tmp_path / f"{name.split('_')[0]}.nii.gz"
+        out = tmp_path / f"{name}_mask.nii.gz"
+        assert P.predict_command(trained_run, [src], out, fov=fov, progress=False, echo=lambda m: None,
+                                 notify=notes.append) == 0
+        masks[name] = io.read_image(out).data > 0
+    window_notes = [n for n in notes if "segmented in a" in n]
+    assert len(window_notes) == 1 and "wide.nii.gz" in window_notes[0], notes
+    record = json.loads((tmp_path / "wide_mask_qc.json").read_text())
+    (r0, r1), (c0, c1) = record["fov_window"][1], record["fov_window"][2]
+    assert r1 - r0 == SHAPE[1] and c1 - c0 == SHAPE[2]
+    assert "fov_window" not in json.loads((tmp_path / "plain_mask_qc.json").read_text())
+    inner = masks["wide"][:, pad:-pad, pad:-pad]
+    # the padding holds no femur (outside the window the tiles' answer is kept where it joins the femur)
+    assert np.count_nonzero(masks["wide"]) - np.count_nonzero(inner) < 0.02 * np.count_nonzero(inner)
+    dice = 2 * np.count_nonzero(inner & masks["plain"]) / (np.count_nonzero(inner) + np.count_nonzero(masks["plain"]))
+    assert dice > 0.9, dice

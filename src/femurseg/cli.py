@@ -138,6 +138,8 @@ def predict(
     min_size: float = typer.Option(0.0, "--min-size", help="First remove components smaller than this (mm^3)."),
     folds: str = typer.Option("all", "--folds", help="all (average the fold models) or one fold number K."),
     tta: str = typer.Option("none", "--tta", help="none | flip (average with the left-right mirrored scan)."),
+    fov: str = typer.Option("match", "--fov", help="match (a scan wider in-plane than the training scans is segmented in a "
+                            "window of the training field of view, placed on the femur) | full (the whole scan)."),
     engine: str = typer.Option("torch", "--engine", help="torch | onnx (ONNX Runtime; RUN/fold_<k>/model.onnx, exported on first use)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model file for --engine onnx (with --folds K)."),
     tiles: int = typer.Option(9, "--tiles", help="Mirrored tiles per slice for unpadded 2D U-Nets (9: paper 001, 49: paper 002)."),
@@ -169,7 +171,7 @@ def predict(
     code = predict_command(run, inputs, output, backend=be, resume=resume, load=load_any_predictor, qc=qc,
                            qc_checks=(femoral_head_check,),
                            prob=prob, threshold=threshold, postprocess=postprocess,
-                           min_size_mm3=min_size, folds=folds, tta=tta, engine=engine, onnx_path=onnx, tiles=tiles,
+                           min_size_mm3=min_size, folds=folds, tta=tta, fov=fov, engine=engine, onnx_path=onnx, tiles=tiles,
                            dicom_seg=dicom_seg, dicom_seg_out=dicom_seg_out, preview=preview, device=device,
                            progress=not quiet, echo=typer.echo)
     if code:

@@ -65,6 +65,7 @@ from torch import nn
 
 from femurseg.core import io
 from femurseg.core.errors import FemursegError, atomic_path
+from femurseg.inference.fov import FOV_MODES
 from femurseg.inference.qc import QC_MODES, assess
 
 EXIT_SOME_FAILED = 2
@@ -269,6 +270,30 @@ def fold_probabilities(pred: Predictor, vol: io.Volume, tta: str = "none") -> li
     return _restored_probabilities(pred, vol, tta, [[m] for m in pred.models])
 
 
+def matched_fold_probabilities(pred: Predictor, vol: io.Volume, tta: str = "none", *, per_fold: bool = True,
+                               fov: str = "match") -> tuple[list[np.ndarray], tuple[slice, ...] | None]:
+    """:func:`fold_probabilities` (``per_fold``) or ``[`` :func:`predict_probability` ``]``, with the
+    field of view matched to the training scans' (:mod:`femurseg.inference.fov`) when ``fov`` is
+    "match" and the run has a QC reference. Returns the maps on ``vol``'s grid and the in-plane
+    window they were computed in (None: the whole scan). Predictors with their own
+    ``probability_fn`` (the CT cascade localises the femur itself) are never matched."""
+    from femurseg.inference.fov import matched_probabilities, training_field_of_view
+
+    def probabilities(data: np.ndarray) -> list[np.ndarray]:
+        # a window of the scan: only data and spacing are used on this path, not the geometry
+        sub = vol if data is vol.data else dataclasses.replace(vol, data=data)
+        return fold_probabilities(pred, sub, tta) if per_fold else [predict_probability(pred, sub, tta)]
+
+    train_fov = (training_field_of_view(pred.qc_reference)
+                 if fov == "match" and pred.probability_fn is None else None)
+    return matched_probabilities(vol.data, vol.spacing, train_fov, probabilities)
+
+
+def _fov_text(shape: Sequence[int], spacing: Sequence[float]) -> str:
+    """In-plane field of view ``rows x cols`` in mm."""
+    return f"{shape[1] * spacing[1]:.0f} x {shape[2] * spacing[2]:.0f}"
+
+
 def _restored_probabilities(pred: Predictor, vol: io.Volume, tta: str, groups: Sequence[Sequence[nn.Module]]
                             ) -> list[np.ndarray]:
     """Preprocess ``vol`` once; per group of models their averaged probability, restored to ``vol``'s grid."""
@@ -463,8 +488,13 @@ class QCFailed(FemursegError):
 
 def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *, threshold: str | float | None = None,
                  postprocess: str = DEFAULT_POSTPROCESS, min_size_mm3: float = 0.0, tta: str = "none",
-                 notify: Notify = _stderr_notice, qc: str = "on", qc_checks: Sequence[Any] = ()) -> CaseResult:
+                 notify: Notify = _stderr_notice, qc: str = "on", qc_checks: Sequence[Any] = (),
+                 fov: str = "match") -> CaseResult:
     """Segment one scan and write its outputs (see the module docstring for the steps).
+
+    ``fov`` (:data:`femurseg.inference.fov.FOV_MODES`): "match" segments a scan whose in-plane field
+    of view is wider than the training scans' in a window of the training field of view
+    (:func:`matched_fold_probabilities`); "full" segments the whole scan as it is.
 
     ``qc`` (:data:`femurseg.inference.qc.QC_MODES`): "on" checks the scan and its mask
     (:func:`femurseg.inference.qc.assess`), writes the record beside the mask (``<case>_qc.json``)
@@ -483,9 +513,15 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
         raise FemursegError(f"{src}: --dicom-seg needs a DICOM series folder as input, not a {src.name} file")
     if qc not in QC_MODES:
         raise FemursegError(f"--qc: expected one of {', '.join(QC_MODES)}, got {qc!r}")
+    if fov not in FOV_MODES:
+        raise FemursegError(f"--fov: expected one of {', '.join(FOV_MODES)}, got {fov!r}")
     vol = io.read_image(src)
     check_volume(pred, vol, notify)
-    folds = fold_probabilities(pred, vol, tta) if qc != "off" else [predict_probability(pred, vol, tta)]
+    folds, window = matched_fold_probabilities(pred, vol, tta, per_fold=qc != "off", fov=fov)
+    if window is not None:
+        notify(f"notice: {src.name}: field of view {_fov_text(vol.data.shape, vol.spacing)} mm is wider than the "
+               f"training scans'; segmented in a {_fov_text([w.stop - w.start for w in window], vol.spacing)} mm window "
+               f"(--fov full: the whole scan)")
     prob = folds[0] if len(folds) == 1 else np.mean(folds, axis=0, dtype=np.float32)
     mask, thr = segment(prob, vol.spacing, threshold=threshold, stored=pred.thresholds, postprocess=postprocess,
                         min_size_mm3=min_size_mm3, notify=notify)
@@ -497,6 +533,8 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
         record = assess(vol.data, vol.spacing, mask, prob=fg_prob, fold_masks=fold_masks, reference=pred.qc_reference,
                         checks=qc_checks)
         record["input"] = str(src)
+        if window is not None:
+            record["fov_window"] = [[w.start, w.stop] for w in window]
         if record["verdict"] != "ok":
             notify(f"QC {record['verdict']}: {src.name}: {'; '.join(r.split(': ', 1)[1] for r in record['reasons'])}")
         if qc == "strict" and record["verdict"] == "fail":
@@ -724,7 +762,7 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
                  threshold: str | float | None = None, postprocess: str = DEFAULT_POSTPROCESS,
                  min_size_mm3: float = 0.0, tta: str = "none", progress: bool = True,
                  notify: Notify = _stderr_notice, resume: bool = False, qc: str = "on",
-                 qc_checks: Sequence[Any] = ()) -> BatchResult:
+                 qc_checks: Sequence[Any] = (), fov: str = "match") -> BatchResult:
     """Segment several scans into ``out_dir/<case>.nii.gz`` (plus ``<case>.nii.gz`` probability maps
     in ``prob_dir``, ``<case>.dcm`` SEGs for DICOM inputs, ``<case>_preview.png``).
 
@@ -744,7 +782,8 @@ def predict_many(pred: Predictor, scans: Sequence[Path], out_dir: str | os.PathL
             skipped.append(scan)
             continue
         res, err = predict_case(pred, scan, outs, threshold=threshold, postprocess=postprocess,
-                                min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc, qc_checks=qc_checks)
+                                min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc, qc_checks=qc_checks,
+                                fov=fov)
         if res is not None:
             results.append(res)
             continue
@@ -792,7 +831,7 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                     echo: Callable[[str], None] = print, notify: Notify = _stderr_notice,
                     backend: Any = None, resume: bool = False,
                     load: Callable[..., Predictor] | None = None, qc: str = "on",
-                    qc_checks: Sequence[Any] = ()) -> int:
+                    qc_checks: Sequence[Any] = (), fov: str = "match") -> int:
     """``femurseg predict``: check everything cheap first, load the run once, segment; returns the exit status
     (0, or :data:`EXIT_SOME_FAILED` when a batch finished with failures). Raises FemursegError otherwise.
 
@@ -800,7 +839,7 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     :class:`femurseg.scale.distributed.RayBackend` (batch mode: scans stream through Ray actors
     holding the models). ``resume``: skip scans whose outputs are complete. ``load``: the run
     loader (default :func:`load_predictor`; :func:`femurseg.ct.predict.load_any_predictor` also
-    loads CT cascade runs). ``qc``, ``qc_checks``: see :func:`predict_file`."""
+    loads CT cascade runs). ``qc``, ``qc_checks``, ``fov``: see :func:`predict_file`."""
     from femurseg.core.backend import local_or_backend
 
     check_options(threshold=threshold, postprocess=postprocess, tta=tta, tiles=tiles, engine=engine,
@@ -809,8 +848,10 @@ def predict_command(run: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     scans, batch = expand_inputs(list(inputs))
     if qc not in QC_MODES:
         raise FemursegError(f"--qc: expected one of {', '.join(QC_MODES)}, got {qc!r}")
+    if fov not in FOV_MODES:
+        raise FemursegError(f"--fov: expected one of {', '.join(FOV_MODES)}, got {fov!r}")
     common = dict(threshold=threshold, postprocess=postprocess, min_size_mm3=min_size_mm3, tta=tta, notify=notify, qc=qc,
-                  qc_checks=tuple(qc_checks))
+                  qc_checks=tuple(qc_checks), fov=fov)
     if batch:
         if dicom_seg_out is not None:
             raise FemursegError(f"{dicom_seg_out}: --dicom-seg-out names one file; in batch mode use --dicom-seg "

@@ -106,7 +106,9 @@ def is_patch_classifier(model: nn.Module) -> bool:
     return type(model).__name__ == "PatchCNN"
 
 
-def _tile_starts(size: int, tile: int, overlap: float) -> list[int]:
+def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """First indices of tiles of ``tile`` voxels covering ``size`` voxels, neighbours overlapping by
+    at least ``overlap`` (a fraction of ``tile``); the last tile ends at ``size``."""
     if tile >= size:
         return [0]
     step = max(1, int(round(tile * (1 - overlap))))
@@ -231,7 +233,7 @@ def _predict_one(model: nn.Module, image: np.ndarray, patch, overlap: float, bat
     else:
         src = mirror_pad(src, pads)
     src = src.to(dev)
-    starts = [_tile_starts(s, t, overlap) for s, t in zip(spatial, tile)]
+    starts = [tile_starts(s, t, overlap) for s, t in zip(spatial, tile)]
     tiles = [tuple(p) for p in np.array(np.meshgrid(*starts, indexing="ij")).reshape(len(spatial), -1).T]
     single = len(tiles) == 1
     weight = (torch.ones(tile) if (unpadded or single) else gaussian_weights(tile)).to(dev)

@@ -1,0 +1,110 @@
+"""Field-of-view matching (femurseg.inference.fov): the window, the passes, the paste."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from femurseg.inference import fov as F
+
+REFERENCE = {"ranges": {"fov_mm_1": [118.0, 122.0], "fov_mm_2": [120.0, 120.0],
+                        "label_centroid_1": [0.3, 0.5], "label_centroid_2": [0.5, 0.7]}}
+SPACING = (1.5, 1.0, 1.0)
+
+
+def test_training_field_of_view_from_reference():
+    t = F.training_field_of_view(REFERENCE)
+    assert t == {1: (122.0, 120.0, pytest.approx(0.4)), 2: (120.0, 120.0, pytest.approx(0.6))}
+    assert F.training_field_of_view(None) is None
+    assert F.training_field_of_view({"ranges": {"fov_mm_1": [1, 2]}}) is None
+
+
+def test_needs_matching_only_beyond_the_factor():
+    t = F.training_field_of_view(REFERENCE)
+    assert not F.needs_matching((20, 120, 120), SPACING, t)
+    assert not F.needs_matching((20, 140, 120), SPACING, t)  # 140 mm < 1.15 x 122 mm
+    assert F.needs_matching((20, 120, 180), SPACING, t)
+    assert not F.needs_matching((20, 240, 240), SPACING, None)
+    # the same voxels at half the pixel size are a field of view of half the width
+    assert not F.needs_matching((20, 240, 240), (1.5, 0.5, 0.5), t)
+
+
+def test_window_puts_the_centroid_where_the_training_labels_were():
+    t = F.training_field_of_view(REFERENCE)
+    w = F.fov_window((20, 200, 200), SPACING, (10.0, 100.0, 90.0), t)
+    assert w[0] == slice(0, 20)
+    assert w[1].stop - w[1].start == 120 and w[2].stop - w[2].start == 120
+    assert (100.0 - w[1].start) / 119 == pytest.approx(0.4, abs=0.01)
+    assert (90.0 - w[2].start) / 119 == pytest.approx(0.6, abs=0.01)
+    # near the border the window is shifted inside the scan, never cut
+    w = F.fov_window((20, 200, 200), SPACING, (10.0, 5.0, 195.0), t)
+    assert w[1] == slice(0, 120) and w[2] == slice(80, 200)
+    # an axis that needs no matching keeps its extent
+    w = F.fov_window((20, 125, 200), SPACING, (10.0, 60.0, 90.0), t)
+    assert w[1] == slice(0, 125) and w[2].stop - w[2].start == 120
+
+
+def test_tiles_cover_the_scan_and_blend_to_the_same_answer():
+    t = F.training_field_of_view(REFERENCE)
+    img = np.random.default_rng(0).random((4, 200, 170)).astype(np.float32)
+    shapes = []
+
+    def probabilities(a):
+        shapes.append(a.shape)
+        return [a.copy(), np.stack([1 - a, a])]  # a map and (C, ...) class probabilities
+
+    probs = F.tiled_probabilities(img, SPACING, t, probabilities)
+    assert set(shapes) == {(4, 120, 120)} and len(shapes) == 3 * 2  # rows 0/60/80, cols 0/50
+    np.testing.assert_allclose(probs[0], img, rtol=1e-5)
+    np.testing.assert_allclose(probs[1], np.stack([1 - img, img]), rtol=1e-4, atol=1e-6)
+
+
+def test_matched_window_inside_tiles_outside():
+    t = F.training_field_of_view(REFERENCE)
+    img = np.zeros((8, 200, 200), np.float32)
+    img[2:6, 60:200, 120:150] = 1.0  # a femur whose shaft leaves any 120 mm window
+    n_tiles = 9
+    calls: list[tuple[int, ...]] = []
+
+    def probabilities(a):  # the tiles see 0.7 where the femur is, the matched windows 0.9
+        calls.append(a.shape)
+        return [(0.7 if len(calls) <= n_tiles else 0.9) * (a > 0.5).astype(np.float32)]
+
+    probs, window = F.matched_probabilities(img, SPACING, t, probabilities)
+    assert window is not None and probs[0].shape == img.shape
+    assert n_tiles < len(calls) <= n_tiles + F.MAX_PASSES and all(c == (8, 120, 120) for c in calls)
+    inside = np.zeros(img.shape, bool)
+    inside[window] = True
+    femur = img > 0.5
+    np.testing.assert_allclose(probs[0][femur & inside], 0.9)
+    assert (femur & ~inside).any()
+    np.testing.assert_allclose(probs[0][femur & ~inside], 0.7, rtol=1e-5)
+    assert not probs[0][~femur].any()
+    # the window holds the femur's centroid at the training labels' relative position
+    centroid_rows = np.nonzero(femur)[1].mean()
+    assert (centroid_rows - window[1].start) / 119 == pytest.approx(0.4, abs=0.02)
+
+
+def test_matched_probabilities_leaves_training_sized_scans_alone():
+    t = F.training_field_of_view(REFERENCE)
+    img = np.zeros((8, 120, 120), np.float32)
+    img[2:6, 40:70, 50:80] = 1.0
+    calls = []
+    probs, window = F.matched_probabilities(img, SPACING, t, lambda a: calls.append(a.shape) or [a.copy()])
+    assert window is None and calls == [img.shape]
+    np.testing.assert_array_equal(probs[0], img)
+    # nothing found in a wide scan: the tiles' answer, no window
+    empty = np.zeros((8, 200, 200), np.float32)
+    probs, window = F.matched_probabilities(empty, SPACING, t, lambda a: [np.zeros(a.shape, np.float32)])
+    assert window is None and probs[0].shape == empty.shape and not probs[0].any()
+
+
+def test_paste_into_the_base_maps():
+    window = (slice(0, 4), slice(10, 20), slice(5, 15))
+    p = np.full((3, 4, 10, 10), 1 / 3, np.float32)
+    base = np.zeros((3, 4, 30, 30), np.float32)
+    base[0] = 1.0
+    full = F.paste([p], window, [base])[0]
+    assert full.shape == (3, 4, 30, 30) and base[1].max() == 0  # the base is not changed
+    assert np.all(full[0, :, :10] == 1.0) and np.all(full[1:, :, :10] == 0.0)
+    np.testing.assert_allclose(full[:, :, 10:20, 5:15], p)
