@@ -7,10 +7,11 @@ scans did. ``--cases`` phantoms that no training run has seen (``femurseg synth`
 the MR default world) are written three ways: as synthesised (the 120 mm in-plane field of view
 of the phantoms); the same anatomy rendered with a 180 mm field of view at the same pixel size
 (``--size 192,192,48 --spacing 0.9375,0.9375,1.5``: more thigh, pelvis, skin and air); and the
-120 mm scans padded in-plane with background (the 1st-percentile intensity) to 200 mm.
+120 mm scans padded in-plane with background (the 1st-percentile intensity) to 200 mm; and the
+same anatomy with a 90 mm field of view (``--size 96,96,48``: the label is what the scan shows).
 ``RUN`` (default ``demo_out/run``, what ``make demo`` writes) segments every variant with
-``femurseg predict --fov match`` (the default: a wider scan is segmented in a window of the
-training field of view, :mod:`femurseg.inference.fov`) and ``--fov full`` (the whole scan, as
+``femurseg predict --fov match`` (the default: a wider or narrower scan is segmented in windows
+of the training field of view, :mod:`femurseg.inference.fov`) and ``--fov full`` (the whole scan, as
 before); ``femurseg.evaluation.evaluate`` scores each mask against the variant's label on the
 variant's grid. Seconds per scan are wall-clock on this machine.
 
@@ -19,7 +20,6 @@ Writes ``fov_cases.csv`` (per mode, variant and case) and ``fov_summary.csv`` (m
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -29,11 +29,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, ROOT, machine_info, say, write_csv  # noqa: E402
+from common import machine_info, run_on_unseen_args, say, write_csv  # noqa: E402
 
-VARIANTS = ("120 mm (as trained)", "180 mm, more anatomy", "120 mm padded to 200 mm")
+VARIANTS = ("120 mm (as trained)", "180 mm, more anatomy", "120 mm padded to 200 mm", "90 mm, less anatomy")
 MODES = ("match", "full")
 WIDE = {"shape": (48, 192, 192), "spacing": (1.5, 0.9375, 0.9375)}  # canonical (A, I, L)
+NARROW = {"shape": (48, 96, 96), "spacing": (1.5, 0.9375, 0.9375)}
 PAD = 43  # voxels each side in-plane: 128 + 86 = 214 voxels = 200 mm
 
 
@@ -53,26 +54,19 @@ def pad_inplane(path: Path, out: Path, label: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", nargs="?", type=Path, default=ROOT / "demo_out" / "run")
-    ap.add_argument("--cases", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=2000)
-    ap.add_argument("--work", type=Path, default=RESULTS / "fov_work")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    a = ap.parse_args(argv)
+    a = run_on_unseen_args(__doc__, argv, cases=8, work="fov_work")
     import numpy as np
 
     from femurseg.data.synth import synthesize
     from femurseg.evaluation.evaluate import evaluate_folders
     from femurseg.inference.predict import predict_command
 
-    if not (a.run / "config.json").exists():
-        ap.error(f"{a.run}: not a run folder (make demo writes demo_out/run)")
     t0 = time.perf_counter()
     a.work.mkdir(parents=True, exist_ok=True)
     folders: dict[str, Path] = {}
-    for name, extra in ((VARIANTS[0], {}), (VARIANTS[1], WIDE)):
-        folders[name] = a.work / ("as_trained" if not extra else "wide")
+    for name, extra, slug in ((VARIANTS[0], {}, "as_trained"), (VARIANTS[1], WIDE, "wide"),
+                              (VARIANTS[3], NARROW, "narrow")):
+        folders[name] = a.work / slug
         if not (folders[name] / "dataset.json").exists():
             synthesize(folders[name], n=a.cases, modality="mr", seed=a.seed, progress=False, **extra)
     folders[VARIANTS[2]] = padded = a.work / "padded"

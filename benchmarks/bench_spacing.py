@@ -18,7 +18,6 @@ Writes ``spacing_cases.csv`` (per mode, variant and case) and ``spacing_summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, ROOT, machine_info, say, write_csv  # noqa: E402
+from common import machine_info, run_on_unseen_args, say, write_csv  # noqa: E402
 
 # variant -> (in-plane pixel factor, slice spacing factor or "iso"): new spacing = old x factor
 VARIANTS: dict[str, tuple[float, Any]] = {
@@ -84,21 +83,13 @@ def run_copies(run: Path, work: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", nargs="?", type=Path, default=ROOT / "demo_out" / "run")
-    ap.add_argument("--cases", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=2000)
-    ap.add_argument("--work", type=Path, default=RESULTS / "spacing_work")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    a = ap.parse_args(argv)
+    a = run_on_unseen_args(__doc__, argv, cases=4, work="spacing_work")
     import numpy as np
 
     from femurseg.data.synth import synthesize
     from femurseg.evaluation.evaluate import evaluate_folders
     from femurseg.inference.predict import predict_command
 
-    if not (a.run / "config.json").exists():
-        ap.error(f"{a.run}: not a run folder (make demo writes demo_out/run)")
     t0 = time.perf_counter()
     cohort = a.work / "cohort"
     if not (cohort / "dataset.json").exists():

@@ -21,6 +21,8 @@ show up as RSS growth.
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import csv
 import datetime as _dt
@@ -287,6 +289,22 @@ def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return f"{v:.6g}"
     return v
+
+
+def run_on_unseen_args(doc: str, argv: list[str] | None, *, cases: int, work: str) -> argparse.Namespace:
+    """Arguments of a benchmark that applies one trained run to unseen phantoms: ``RUN`` (default
+    ``demo_out/run``, what ``make demo`` writes; checked), ``--cases``, ``--seed`` (2000: no run has
+    seen it), ``--work`` (``benchmarks/results/<work>``) and ``--out`` (``benchmarks/results``)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("run", nargs="?", type=Path, default=ROOT / "demo_out" / "run")
+    ap.add_argument("--cases", type=int, default=cases)
+    ap.add_argument("--seed", type=int, default=2000)
+    ap.add_argument("--work", type=Path, default=RESULTS / work)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    if not (a.run / "config.json").exists():
+        ap.error(f"{a.run}: not a run folder (make demo writes demo_out/run)")
+    return a
 
 
 def say(msg: str) -> None:

@@ -14,7 +14,8 @@ SPACING = (1.5, 1.0, 1.0)
 
 def test_training_field_of_view_from_reference():
     t = F.training_field_of_view(REFERENCE)
-    assert t == {1: (122.0, 120.0, pytest.approx(0.4)), 2: (120.0, 120.0, pytest.approx(0.6))}
+    assert t == {1: (118.0, 122.0, 120.0, pytest.approx(0.4)), 2: (120.0, 120.0, 120.0, pytest.approx(0.6))}
+    assert t[1].widest == 122.0 and t[2].centre == pytest.approx(0.6)
     assert F.training_field_of_view(None) is None
     assert F.training_field_of_view({"ranges": {"fov_mm_1": [1, 2]}}) is None
 
@@ -24,6 +25,8 @@ def test_needs_matching_only_beyond_the_factor():
     assert not F.needs_matching((20, 120, 120), SPACING, t)
     assert not F.needs_matching((20, 140, 120), SPACING, t)  # 140 mm < 1.15 x 122 mm
     assert F.needs_matching((20, 120, 180), SPACING, t)
+    assert not F.needs_matching((20, 105, 120), SPACING, t)  # 105 mm x 1.15 > 118 mm
+    assert F.needs_matching((20, 100, 120), SPACING, t)  # narrower
     assert not F.needs_matching((20, 240, 240), SPACING, None)
     # the same voxels at half the pixel size are a field of view of half the width
     assert not F.needs_matching((20, 240, 240), (1.5, 0.5, 0.5), t)
@@ -108,3 +111,28 @@ def test_paste_into_the_base_maps():
     assert full.shape == (3, 4, 30, 30) and base[1].max() == 0  # the base is not changed
     assert np.all(full[0, :, :10] == 1.0) and np.all(full[1:, :, :10] == 0.0)
     np.testing.assert_allclose(full[:, :, 10:20, 5:15], p)
+
+
+def test_a_narrower_scan_is_segmented_in_one_edge_padded_window():
+    t = F.training_field_of_view(REFERENCE)
+    img = np.zeros((8, 90, 120), np.float32)  # 90 mm rows: narrower than 118 mm
+    img[2:6, 20:70, 40:80] = 1.0
+    img[:, -1, :] = 0.25  # the last row, to see the edge padding
+    w = F.fov_window(img.shape, SPACING, (4.0, 44.5, 59.5), t)
+    assert w[2] == slice(0, 120) and w[1].stop - w[1].start == 120
+    assert w[1].start <= 0 and w[1].stop >= 90  # covers the scan
+    win = F.extract(img, w)
+    assert win.shape == (8, 120, 120)
+    np.testing.assert_array_equal(win[:, -w[1].start:-w[1].start + 90], img)
+    if w[1].stop > 90:
+        assert np.all(win[:, -w[1].start + 90:] == img[:, -1:])  # the border row repeated
+    calls = []
+
+    def probabilities(a):
+        calls.append(a.shape)
+        return [(a > 0.5).astype(np.float32)]
+
+    probs, window = F.matched_probabilities(img, SPACING, t, probabilities)
+    assert window is not None and all(c == (8, 120, 120) for c in calls)
+    assert probs[0].shape == img.shape
+    np.testing.assert_array_equal(probs[0] > 0.5, img > 0.5)

@@ -1,5 +1,5 @@
-"""Field-of-view matching: segment a scan wider than the training scans in windows of the
-training field of view.
+"""Field-of-view matching: segment a scan whose in-plane field of view is wider or narrower than
+the training scans' in windows of the training field of view.
 
 A network trained on whole slabs of one in-plane field of view learns where the border of the
 image is, not only what a femur looks like: the same hip rendered with more thigh, pelvis and air
@@ -17,25 +17,32 @@ brought back to what the network saw:
    e.g. more shaft; what lies outside and is not connected to the femur is removed by the
    largest-component post-processing).
 
+A scan *narrower* than the training scans is segmented the same way in one window that extends
+beyond it, the scan's border voxels repeated outward (edge padding: measured better than padding
+with air or mirroring), and the result cut back to the scan.
+
 Only in-plane axes (rows = inferior, columns = left, canonical axes 1 and 2) are matched, and only
-along an axis where the scan is more than :data:`FOV_MATCH_FACTOR` times the widest training field
-of view; the slice axis is already matched by the preprocessing's central slab (``crop_mm``). Scans
-of the training field of view are segmented exactly as without matching.
+along an axis where the scan's field of view is more than :data:`FOV_MATCH_FACTOR` times the
+widest training one, or less than the narrowest divided by it; the slice axis is already matched
+by the preprocessing's central slab (``crop_mm``). Scans within those bounds are segmented exactly
+as without matching. Windows are ``(start, stop)`` voxel slices of the scan's canonical axes and may
+reach beyond the scan (negative ``start``, ``stop`` past its size) where it is narrower.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 FOV_MODES = ("match", "full")
-"""``--fov``: match (a window of the training field of view for wider scans) or full (the whole scan)."""
+"""``--fov``: match (windows of the training field of view) or full (the whole scan as it is)."""
 
 FOV_MATCH_FACTOR = 1.15
-"""Match an axis only where the scan's field of view exceeds the widest training one by this factor."""
+"""Match an axis only where the scan's field of view is this factor wider than the widest training
+one, or this factor narrower than the narrowest."""
 
 MAX_PASSES = 2
 """Matched windows segmented at most (after the tiles), until the window settles."""
@@ -51,44 +58,102 @@ INPLANE_AXES = (1, 2)
 Window = tuple[slice, slice, slice]
 
 
-def training_field_of_view(reference: Mapping[str, Any] | None) -> dict[int, tuple[float, float, float]] | None:
-    """Per in-plane axis ``(widest training field of view in mm, its middle in mm, the label
-    centroid's relative position)`` from a run's QC reference (:mod:`femurseg.inference.qc`);
-    None for a run without one (or without those ranges)."""
+class AxisFov(NamedTuple):
+    """The training scans' field of view along one axis (mm) and where their labels lay."""
+
+    narrowest: float
+    widest: float
+    middle: float
+    """The window's extent: the middle of the training range (mm)."""
+    centre: float
+    """The label centroid's position relative to the field of view (middle of the training range, 0-1)."""
+
+
+TrainFov = Mapping[int, AxisFov]
+
+
+def training_field_of_view(reference: Mapping[str, Any] | None) -> dict[int, AxisFov] | None:
+    """Per in-plane axis the training field of view (:class:`AxisFov`) from a run's QC reference
+    (:mod:`femurseg.inference.qc`); None for a run without one (or without those ranges)."""
     ranges = (reference or {}).get("ranges") or {}
     out = {}
     for ax in INPLANE_AXES:
         fov, cen = ranges.get(f"fov_mm_{ax}"), ranges.get(f"label_centroid_{ax}")
         if not fov or not cen:
             return None
-        out[ax] = (float(fov[1]), 0.5 * (float(fov[0]) + float(fov[1])), 0.5 * (float(cen[0]) + float(cen[1])))
+        lo, hi = float(fov[0]), float(fov[1])
+        out[ax] = AxisFov(lo, hi, 0.5 * (lo + hi), 0.5 * (float(cen[0]) + float(cen[1])))
     return out
 
 
-def needs_matching(shape: Sequence[int], spacing: Sequence[float],
-                   train_fov: Mapping[int, tuple[float, float, float]] | None) -> bool:
+def _matched(n: int, spacing: float, f: AxisFov) -> bool:
+    """True when ``n`` voxels of ``spacing`` mm are outside the training field of view's bounds."""
+    fov = n * spacing
+    return fov > FOV_MATCH_FACTOR * f.widest or fov * FOV_MATCH_FACTOR < f.narrowest
+
+
+def needs_matching(shape: Sequence[int], spacing: Sequence[float], train_fov: TrainFov | None) -> bool:
     """True when an in-plane axis of a scan of ``shape`` voxels at ``spacing`` mm is wider than
-    :data:`FOV_MATCH_FACTOR` x the widest training field of view."""
+    :data:`FOV_MATCH_FACTOR` x the widest training field of view, or narrower than the narrowest
+    divided by it."""
     if not train_fov:
         return False
-    return any(shape[ax] * spacing[ax] > FOV_MATCH_FACTOR * train_fov[ax][0] for ax in INPLANE_AXES)
+    return any(_matched(int(shape[ax]), spacing[ax], train_fov[ax]) for ax in INPLANE_AXES)
+
+
+def _window_size(shape: Sequence[int], spacing: Sequence[float], train_fov: TrainFov, ax: int) -> int:
+    """Voxels of the matched window along ``ax`` (the whole axis where it needs no matching)."""
+    n = int(shape[ax])
+    if not _matched(n, spacing[ax], train_fov[ax]):
+        return n
+    return max(2, int(round(train_fov[ax].middle / spacing[ax])))
 
 
 def fov_window(shape: Sequence[int], spacing: Sequence[float], centroid: Sequence[float],
-               train_fov: Mapping[int, tuple[float, float, float]]) -> Window:
+               train_fov: TrainFov) -> Window:
     """The in-plane window (canonical index slices) of the training field of view that puts
-    ``centroid`` (voxel indices, canonical axes) at the training labels' relative position,
-    shifted inside the scan where it would leave it. Axes that need no matching keep their
-    whole extent."""
+    ``centroid`` (voxel indices, canonical axes) at the training labels' relative position; a
+    window smaller than the scan is shifted inside it, a larger one so that it covers the scan.
+    Axes that need no matching keep their whole extent."""
     window = [slice(0, int(shape[0])), slice(0, int(shape[1])), slice(0, int(shape[2]))]
     for ax in INPLANE_AXES:
-        n, rel, size = int(shape[ax]), train_fov[ax][2], _window_size(shape, spacing, train_fov, ax)
+        n, size = int(shape[ax]), _window_size(shape, spacing, train_fov, ax)
         if size == n:
             continue
-        start = int(round(centroid[ax] - rel * (size - 1)))
-        start = min(max(start, 0), n - size)
+        start = int(round(centroid[ax] - train_fov[ax].centre * (size - 1)))
+        start = min(max(start, 0), n - size) if size < n else min(max(start, n - size), 0)
         window[ax] = slice(start, start + size)
     return tuple(window)  # type: ignore[return-value]
+
+
+def _inside(window: Window, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """``(in the window, in the scan)`` index slices of the part of ``window`` inside the scan."""
+    src, dst = [], []
+    for w, n in zip(window, shape):
+        lo, hi = max(w.start, 0), min(w.stop, int(n))
+        src.append(slice(lo - w.start, hi - w.start))
+        dst.append(slice(lo, hi))
+    return tuple(src), tuple(dst)
+
+
+def extract(image: np.ndarray, window: Window) -> np.ndarray:
+    """The voxels of ``window``; beyond the scan its border voxels repeated (edge padding)."""
+    _, dst = _inside(window, image.shape)
+    pads = [(max(0, -w.start), max(0, w.stop - int(n))) for w, n in zip(window, image.shape)]
+    inner = image[dst]
+    return np.ascontiguousarray(np.pad(inner, pads, mode="edge") if any(a or b for a, b in pads) else inner)
+
+
+def paste(probs: Sequence[np.ndarray], window: Window, base: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each window probability (``window`` sized, or ``(C, ...)``) placed, where the window lies
+    inside the scan, into a copy of the matching scan-sized map of ``base``."""
+    out = []
+    for p, b in zip(probs, base):
+        src, dst = _inside(window, b.shape[-3:])
+        full = np.array(b, dtype=np.float32, copy=True)
+        full[(Ellipsis, *dst)] = p[(Ellipsis, *src)]
+        out.append(full)
+    return out
 
 
 def _foreground(prob: np.ndarray) -> np.ndarray:
@@ -105,54 +170,36 @@ def _centroid(prob: np.ndarray) -> tuple[float, ...] | None:
     return tuple(float(c) for c in ndimage.center_of_mass(lab == largest))
 
 
-def paste(probs: Sequence[np.ndarray], window: Window, base: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each window probability (``shape`` or ``(C, *shape)``) placed into a copy of the matching
-    scan-sized map of ``base``."""
-    out = []
-    for p, b in zip(probs, base):
-        full = np.array(b, dtype=np.float32, copy=True)
-        full[(Ellipsis, *window)] = p
-        out.append(full)
-    return out
-
-
-def _window_size(shape: Sequence[int], spacing: Sequence[float],
-                 train_fov: Mapping[int, tuple[float, float, float]], ax: int) -> int:
-    """Voxels of the matched window along ``ax`` (the whole axis where it needs no matching)."""
-    n = int(shape[ax])
-    if n * spacing[ax] <= FOV_MATCH_FACTOR * train_fov[ax][0]:
-        return n
-    return min(n, max(2, int(round(train_fov[ax][1] / spacing[ax]))))
-
-
-def tiled_probabilities(image: np.ndarray, spacing: Sequence[float],
-                        train_fov: Mapping[int, tuple[float, float, float]],
+def tiled_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov: TrainFov,
                         probabilities: Callable[[np.ndarray], list[np.ndarray]]) -> list[np.ndarray]:
     """``probabilities`` of ``image`` computed in windows of the training field of view covering
-    it (overlap :data:`TILE_OVERLAP`), blended with in-plane Gaussian weights
+    it (overlap :data:`TILE_OVERLAP`; along an axis narrower than the window, one window centred
+    on the scan), blended with in-plane Gaussian weights
     (:func:`femurseg.inference.tiling.gaussian_weights`, as nnU-Net's sliding window)."""
     from femurseg.inference.tiling import gaussian_weights, tile_starts
 
-    sizes = [_window_size(image.shape, spacing, train_fov, ax) for ax in INPLANE_AXES]
+    shape = image.shape
+    sizes = [_window_size(shape, spacing, train_fov, ax) for ax in INPLANE_AXES]
     weight = gaussian_weights(sizes).numpy()[None]  # (1, rows, cols): broadcast over the slices
-    starts = [tile_starts(int(image.shape[ax]), size, TILE_OVERLAP) for ax, size in zip(INPLANE_AXES, sizes)]
+    starts = [tile_starts(int(shape[ax]), size, TILE_OVERLAP) if size <= shape[ax] else [(int(shape[ax]) - size) // 2]
+              for ax, size in zip(INPLANE_AXES, sizes)]
     acc: list[np.ndarray] | None = None
-    total = np.zeros(image.shape, np.float32)
+    total = np.zeros(shape, np.float32)
     for r in starts[0]:
         for c in starts[1]:
-            win = (slice(None), slice(r, r + sizes[0]), slice(c, c + sizes[1]))
-            probs = probabilities(np.ascontiguousarray(image[win]))
+            win = (slice(0, int(shape[0])), slice(r, r + sizes[0]), slice(c, c + sizes[1]))
+            src, dst = _inside(win, shape)
+            probs = probabilities(extract(image, win))
             if acc is None:
-                acc = [np.zeros(p.shape[:-3] + image.shape, np.float32) for p in probs]
+                acc = [np.zeros(p.shape[:-3] + shape, np.float32) for p in probs]
             for a, p in zip(acc, probs):
-                a[(Ellipsis, *win)] += weight * p
-            total[win] += weight
+                a[(Ellipsis, *dst)] += (weight * p)[(Ellipsis, *src)]
+            total[dst] += np.broadcast_to(weight, (int(shape[0]), *sizes))[src]
     assert acc is not None
     return [a / total for a in acc]
 
 
-def matched_probabilities(image: np.ndarray, spacing: Sequence[float],
-                          train_fov: Mapping[int, tuple[float, float, float]] | None,
+def matched_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov: TrainFov | None,
                           probabilities: Callable[[np.ndarray], list[np.ndarray]],
                           ) -> tuple[list[np.ndarray], Window | None]:
     """Probabilities of ``image`` (canonical ``(A, I, L)``, ``spacing`` mm) segmented in windows
@@ -162,7 +209,7 @@ def matched_probabilities(image: np.ndarray, spacing: Sequence[float],
         image: the scan.
         spacing: its voxel size (mm).
         train_fov: :func:`training_field_of_view` of the run (None: no matching).
-        probabilities: ``image -> [probability maps]`` on any sub-volume of the scan (one map per
+        probabilities: ``image -> [probability maps]`` on any window of the scan (one map per
             fold model, or the ensemble's alone); their mean locates the femur.
 
     Returns:
@@ -185,7 +232,7 @@ def matched_probabilities(image: np.ndarray, spacing: Sequence[float],
                                       for ax in INPLANE_AXES):
             break
         window = new
-        probs = probabilities(np.ascontiguousarray(image[window]))
+        probs = probabilities(extract(image, window))
     if window is None:
         return tiles, None
     return paste(probs, window, tiles), window
