@@ -8,7 +8,10 @@ the MR default world) are written three ways: as synthesised (the 120 mm in-plan
 of the phantoms); the same anatomy rendered with a 180 mm field of view at the same pixel size
 (``--size 192,192,48 --spacing 0.9375,0.9375,1.5``: more thigh, pelvis, skin and air); and the
 120 mm scans padded in-plane with background (the 1st-percentile intensity) to 200 mm; and the
-same anatomy with a 90 mm field of view (``--size 96,96,48``: the label is what the scan shows).
+same anatomy with a 90 mm field of view (``--size 96,96,48``: the label is what the scan shows); and
+a thicker scan, 144 mm along anterior-posterior (96 slices of 1.5 mm cut from a 128-slice
+rendering) with the femur 24 mm in front of or behind its middle, where the central 72 mm slab the
+preprocessing keeps cuts it.
 ``RUN`` (default ``demo_out/run``, what ``make demo`` writes) segments every variant with
 ``femurseg predict --fov match`` (the default: a wider or narrower scan is segmented in windows
 of the training field of view, :mod:`femurseg.inference.fov`) and ``--fov full`` (the whole scan, as
@@ -31,10 +34,13 @@ sys.path.insert(0, str(HERE))
 
 from common import machine_info, run_on_unseen_args, say, write_csv  # noqa: E402
 
-VARIANTS = ("120 mm (as trained)", "180 mm, more anatomy", "120 mm padded to 200 mm", "90 mm, less anatomy")
+VARIANTS = ("120 mm (as trained)", "180 mm, more anatomy", "120 mm padded to 200 mm", "90 mm, less anatomy",
+            "144 mm thick, femur 24 mm off-centre")
 MODES = ("match", "full")
 WIDE = {"shape": (48, 192, 192), "spacing": (1.5, 0.9375, 0.9375)}  # canonical (A, I, L)
 NARROW = {"shape": (48, 96, 96), "spacing": (1.5, 0.9375, 0.9375)}
+DEEP = {"shape": (128, 128, 128), "spacing": (1.5, 0.9375, 0.9375)}  # 192 mm along A/P, cut to 144 mm
+OFF_CENTRE = 16  # slices (24 mm) the 96-slice cut is moved from the centre, forward and back in turn
 PAD = 43  # voxels each side in-plane: 128 + 86 = 214 voxels = 200 mm
 
 
@@ -53,6 +59,24 @@ def pad_inplane(path: Path, out: Path, label: bool) -> None:
     sitk.WriteImage(sitk.ConstantPad(img, pad, pad, value), str(out))
 
 
+def off_centre_slab(path: Path, out: Path, case_index: int) -> None:
+    """Write 96 slices of the 128-slice ``path``, the cut moved :data:`OFF_CENTRE` slices from the
+    centre one way for even ``case_index``, the other way for odd (SimpleITK Crop: the geometry
+    stays)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    slice_axis = int(np.argmax(np.abs(direction[1])))
+    n = img.GetSize()[slice_axis]
+    start = (n - 96) // 2 + (OFF_CENTRE if case_index % 2 == 0 else -OFF_CENTRE)
+    lower = [start if i == slice_axis else 0 for i in range(3)]
+    upper = [n - 96 - start if i == slice_axis else 0 for i in range(3)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.Crop(img, lower, upper), str(out))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = run_on_unseen_args(__doc__, argv, cases=8, work="fov_work")
     import numpy as np
@@ -65,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     folders: dict[str, Path] = {}
     for name, extra, slug in ((VARIANTS[0], {}, "as_trained"), (VARIANTS[1], WIDE, "wide"),
-                              (VARIANTS[3], NARROW, "narrow")):
+                              (VARIANTS[3], NARROW, "narrow"), ("deep", DEEP, "deep")):
         folders[name] = a.work / slug
         if not (folders[name] / "dataset.json").exists():
             synthesize(folders[name], n=a.cases, modality="mr", seed=a.seed, progress=False, **extra)
@@ -74,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         for f in sorted((folders[VARIANTS[0]] / sub).glob("*.nii.gz")):
             if not (padded / sub / f.name).exists():
                 pad_inplane(f, padded / sub / f.name, label=sub == "labelsTr")
+    folders[VARIANTS[4]] = off = a.work / "off_centre"
+    for sub in ("imagesTr", "labelsTr"):
+        for i, f in enumerate(sorted((folders["deep"] / sub).glob("*.nii.gz"))):
+            if not (off / sub / f.name).exists():
+                off_centre_slab(f, off / sub / f.name, i)
     cases: list[dict[str, Any]] = []
     for name in VARIANTS:
         images, labels = folders[name] / "imagesTr", folders[name] / "labelsTr"

@@ -258,3 +258,24 @@ def test_fov_bench_pads_in_plane_and_keeps_the_anatomy_in_place(tmp_path):
     assert np.all(out.data[:, :p] == 5.0)  # background: the 1st percentile
     # the original voxels keep their world position
     np.testing.assert_allclose(out.affine @ [0, p, p, 1], src.affine @ [0, 0, 0, 1], atol=1e-4)
+
+
+def test_fov_bench_cuts_an_off_centre_slab_in_place(tmp_path):
+    import bench_fov
+    import numpy as np
+
+    from femurseg.core.io import make_volume, read_image, write_volume
+
+    img = np.arange(128, dtype=np.float32)[:, None, None] * np.ones((128, 6, 5), np.float32)  # value = slice
+    write_volume(tmp_path / "img.nii.gz", make_volume(img, (1.5, 1.0, 1.0)))
+    src = read_image(tmp_path / "img.nii.gz")
+    firsts = set()
+    for index in (0, 1):
+        bench_fov.off_centre_slab(tmp_path / "img.nii.gz", tmp_path / "out.nii.gz", index)
+        out = read_image(tmp_path / "out.nii.gz")
+        assert out.data.shape == (96, 6, 5)
+        first = int(out.data[0, 0, 0])
+        np.testing.assert_array_equal(out.data[:, 0, 0], np.arange(first, first + 96))  # contiguous slices
+        np.testing.assert_allclose(out.affine @ [0, 0, 0, 1], src.affine @ [first, 0, 0, 1], atol=1e-4)  # in place
+        firsts.add(first)
+    assert firsts == {16 - bench_fov.OFF_CENTRE, 16 + bench_fov.OFF_CENTRE}  # one way, then the other

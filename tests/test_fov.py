@@ -136,3 +136,28 @@ def test_a_narrower_scan_is_segmented_in_one_edge_padded_window():
     assert window is not None and all(c == (8, 120, 120) for c in calls)
     assert probs[0].shape == img.shape
     np.testing.assert_array_equal(probs[0] > 0.5, img > 0.5)
+
+
+def test_the_slab_is_placed_on_the_femur_in_a_thicker_scan():
+    ref = {"ranges": {**REFERENCE["ranges"], "fov_mm_0": [72.0, 72.0], "label_centroid_0": [0.4, 0.6]}}
+    t = F.training_field_of_view(ref, slab_mm=72.0)
+    assert t[0] == (0.0, 72.0, 72.0, pytest.approx(0.5))
+    assert 0 not in F.training_field_of_view(ref)  # no slab: the slice axis is not matched
+    # training scans thicker than the slab: the centroid is re-expressed relative to the slab
+    thick = {"ranges": {**ref["ranges"], "fov_mm_0": [144.0, 144.0], "label_centroid_0": [0.5, 0.5]}}
+    assert F.training_field_of_view(thick, slab_mm=72.0)[0].centre == pytest.approx(0.5)
+    img = np.zeros((96, 120, 120), np.float32)  # 144 mm of 1.5 mm slices, the femur anterior
+    img[60:90, 30:70, 40:80] = 1.0
+    assert F.needs_matching(img.shape, SPACING, t) and not F.needs_matching((50, 120, 120), SPACING, t)
+    calls = []
+
+    def probabilities(a):  # the network finds the femur only where it is whole in its window
+        calls.append(a.shape)
+        fg = (a > 0.5).astype(np.float32)
+        return [fg if fg[0].max() == 0 and fg[-1].max() == 0 else np.zeros_like(fg)]
+
+    probs, window = F.matched_probabilities(img, SPACING, t, probabilities)
+    assert window is not None and window[0].stop - window[0].start == 48
+    assert window[0].start <= 60 and window[0].stop >= 90 and window[1:] == (slice(0, 120), slice(0, 120))
+    assert all(c[0] == 48 for c in calls)
+    np.testing.assert_array_equal(probs[0] > 0.5, img > 0.5)

@@ -138,8 +138,9 @@ def predict(
     min_size: float = typer.Option(0.0, "--min-size", help="First remove components smaller than this (mm^3)."),
     folds: str = typer.Option("all", "--folds", help="all (average the fold models) or one fold number K."),
     tta: str = typer.Option("none", "--tta", help="none | flip (average with the left-right mirrored scan)."),
-    fov: str = typer.Option("match", "--fov", help="match (a scan wider in-plane than the training scans is segmented in a "
-                            "window of the training field of view, placed on the femur) | full (the whole scan)."),
+    fov: str = typer.Option("match", "--fov", help="match (a scan whose field of view is wider or narrower in-plane than the "
+                            "training scans', or thicker than their slab, is segmented in windows of the training field "
+                            "of view placed on the femur) | full (the whole scan as it is)."),
     engine: str = typer.Option("torch", "--engine", help="torch | onnx (ONNX Runtime; RUN/fold_<k>/model.onnx, exported on first use)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model file for --engine onnx (with --folds K)."),
     tiles: int = typer.Option(9, "--tiles", help="Mirrored tiles per slice for unpadded 2D U-Nets (9: paper 001, 49: paper 002)."),

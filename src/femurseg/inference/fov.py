@@ -21,11 +21,12 @@ A scan *narrower* than the training scans is segmented the same way in one windo
 beyond it, the scan's border voxels repeated outward (edge padding: measured better than padding
 with air or mirroring), and the result cut back to the scan.
 
-Only in-plane axes (rows = inferior, columns = left, canonical axes 1 and 2) are matched, and only
-along an axis where the scan's field of view is more than :data:`FOV_MATCH_FACTOR` times the
-widest training one, or less than the narrowest divided by it; the slice axis is already matched
-by the preprocessing's central slab (``crop_mm``). Scans within those bounds are segmented exactly
-as without matching. Windows are ``(start, stop)`` voxel slices of the scan's canonical axes and may
+The in-plane axes (rows = inferior, columns = left, canonical axes 1 and 2) are matched along an
+axis where the scan's field of view is more than :data:`FOV_MATCH_FACTOR` times the widest
+training one, or less than the narrowest divided by it. The slice axis (anterior, axis 0) is
+matched where the scan is thicker by that factor than the central slab the preprocessing keeps
+(``crop_mm``): the slab is placed on the femur, not in the middle of the scan. Scans within those
+bounds are segmented exactly as without matching. Windows are ``(start, stop)`` voxel slices of the scan's canonical axes and may
 reach beyond the scan (negative ``start``, ``stop`` past its size) where it is narrower.
 """
 
@@ -72,17 +73,33 @@ class AxisFov(NamedTuple):
 TrainFov = Mapping[int, AxisFov]
 
 
-def training_field_of_view(reference: Mapping[str, Any] | None) -> dict[int, AxisFov] | None:
-    """Per in-plane axis the training field of view (:class:`AxisFov`) from a run's QC reference
-    (:mod:`femurseg.inference.qc`); None for a run without one (or without those ranges)."""
+def training_field_of_view(reference: Mapping[str, Any] | None, slab_mm: float | None = None
+                           ) -> dict[int, AxisFov] | None:
+    """The training field of view (:class:`AxisFov`) per matched axis from a run's QC reference
+    (:mod:`femurseg.inference.qc`); None for a run without one (or without those ranges).
+
+    The in-plane axes 1 and 2 always; the slice axis 0 too when ``slab_mm`` (the thickness of the
+    central slab the preprocessing keeps, mm) is given: a scan thicker than that slab by
+    :data:`FOV_MATCH_FACTOR` gets a slab placed on the femur instead of the central one (never
+    padded: a thinner scan is taken as it is)."""
     ranges = (reference or {}).get("ranges") or {}
     out = {}
-    for ax in INPLANE_AXES:
+    for ax in (0, *INPLANE_AXES):
         fov, cen = ranges.get(f"fov_mm_{ax}"), ranges.get(f"label_centroid_{ax}")
         if not fov or not cen:
+            if ax == 0:
+                continue
             return None
-        lo, hi = float(fov[0]), float(fov[1])
-        out[ax] = AxisFov(lo, hi, 0.5 * (lo + hi), 0.5 * (float(cen[0]) + float(cen[1])))
+        lo, hi, centre = float(fov[0]), float(fov[1]), 0.5 * (float(cen[0]) + float(cen[1]))
+        if ax == 0:
+            if slab_mm is None or not slab_mm > 0:
+                continue
+            mid = 0.5 * (lo + hi)  # the centroid relative to the central slab of the training scans
+            centre = min(max((centre * mid - 0.5 * (mid - slab_mm)) / slab_mm, 0.0), 1.0) if mid > slab_mm else centre
+            lo = hi = float(min(slab_mm, hi))
+            out[ax] = AxisFov(0.0, hi, hi, centre)
+            continue
+        out[ax] = AxisFov(lo, hi, 0.5 * (lo + hi), centre)
     return out
 
 
@@ -98,7 +115,7 @@ def needs_matching(shape: Sequence[int], spacing: Sequence[float], train_fov: Tr
     divided by it."""
     if not train_fov:
         return False
-    return any(_matched(int(shape[ax]), spacing[ax], train_fov[ax]) for ax in INPLANE_AXES)
+    return any(_matched(int(shape[ax]), spacing[ax], f) for ax, f in train_fov.items())
 
 
 def _window_size(shape: Sequence[int], spacing: Sequence[float], train_fov: TrainFov, ax: int) -> int:
@@ -116,7 +133,7 @@ def fov_window(shape: Sequence[int], spacing: Sequence[float], centroid: Sequenc
     window smaller than the scan is shifted inside it, a larger one so that it covers the scan.
     Axes that need no matching keep their whole extent."""
     window = [slice(0, int(shape[0])), slice(0, int(shape[1])), slice(0, int(shape[2]))]
-    for ax in INPLANE_AXES:
+    for ax in train_fov:
         n, size = int(shape[ax]), _window_size(shape, spacing, train_fov, ax)
         if size == n:
             continue
@@ -174,27 +191,31 @@ def tiled_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov: 
                         probabilities: Callable[[np.ndarray], list[np.ndarray]]) -> list[np.ndarray]:
     """``probabilities`` of ``image`` computed in windows of the training field of view covering
     it (overlap :data:`TILE_OVERLAP`; along an axis narrower than the window, one window centred
-    on the scan), blended with in-plane Gaussian weights
+    on the scan), blended with Gaussian weights along the matched axes
     (:func:`femurseg.inference.tiling.gaussian_weights`, as nnU-Net's sliding window)."""
+    import itertools
+
     from femurseg.inference.tiling import gaussian_weights, tile_starts
 
-    shape = image.shape
-    sizes = [_window_size(shape, spacing, train_fov, ax) for ax in INPLANE_AXES]
-    weight = gaussian_weights(sizes).numpy()[None]  # (1, rows, cols): broadcast over the slices
-    starts = [tile_starts(int(shape[ax]), size, TILE_OVERLAP) if size <= shape[ax] else [(int(shape[ax]) - size) // 2]
-              for ax, size in zip(INPLANE_AXES, sizes)]
+    shape = tuple(int(n) for n in image.shape)
+    sizes = [_window_size(shape, spacing, train_fov, ax) if ax in train_fov else shape[ax] for ax in range(3)]
+    weight = np.ones((1, 1, 1), np.float32)
+    for ax, size in enumerate(sizes):
+        w1 = gaussian_weights((size,)).numpy() if size != shape[ax] else np.ones(size, np.float32)
+        weight = weight * w1.reshape([size if a == ax else 1 for a in range(3)])
+    starts = [tile_starts(shape[ax], size, TILE_OVERLAP) if size <= shape[ax] else [(shape[ax] - size) // 2]
+              for ax, size in enumerate(sizes)]
     acc: list[np.ndarray] | None = None
     total = np.zeros(shape, np.float32)
-    for r in starts[0]:
-        for c in starts[1]:
-            win = (slice(0, int(shape[0])), slice(r, r + sizes[0]), slice(c, c + sizes[1]))
-            src, dst = _inside(win, shape)
-            probs = probabilities(extract(image, win))
-            if acc is None:
-                acc = [np.zeros(p.shape[:-3] + shape, np.float32) for p in probs]
-            for a, p in zip(acc, probs):
-                a[(Ellipsis, *dst)] += (weight * p)[(Ellipsis, *src)]
-            total[dst] += np.broadcast_to(weight, (int(shape[0]), *sizes))[src]
+    for corner in itertools.product(*starts):
+        win = tuple(slice(c, c + size) for c, size in zip(corner, sizes))
+        src, dst = _inside(win, shape)  # type: ignore[arg-type]
+        probs = probabilities(extract(image, win))  # type: ignore[arg-type]
+        if acc is None:
+            acc = [np.zeros(p.shape[:-3] + shape, np.float32) for p in probs]
+        for a, p in zip(acc, probs):
+            a[(Ellipsis, *dst)] += (weight * p)[(Ellipsis, *src)]
+        total[dst] += weight[src]
     assert acc is not None
     return [a / total for a in acc]
 
@@ -229,7 +250,7 @@ def matched_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov
             c = tuple(ci + w.start for ci, w in zip(c, window))
         new = fov_window(image.shape, spacing, c, train_fov)
         if window is not None and all(abs(new[ax].start - window[ax].start) * spacing[ax] <= SETTLE_MM
-                                      for ax in INPLANE_AXES):
+                                      for ax in train_fov):
             break
         window = new
         probs = probabilities(extract(image, window))

@@ -284,14 +284,25 @@ def matched_fold_probabilities(pred: Predictor, vol: io.Volume, tta: str = "none
         sub = vol if data is vol.data else dataclasses.replace(vol, data=data)
         return fold_probabilities(pred, sub, tta) if per_fold else [predict_probability(pred, sub, tta)]
 
-    train_fov = (training_field_of_view(pred.qc_reference)
+    train_fov = (training_field_of_view(pred.qc_reference, _slab_mm(pred))
                  if fov == "match" and pred.probability_fn is None else None)
     return matched_probabilities(vol.data, vol.spacing, train_fov, probabilities)
 
 
+def _slab_mm(pred: Predictor) -> float | None:
+    """Thickness (mm) of the central slab the run's preprocessing keeps: ``crop_mm``, or
+    ``crop_slices`` x the training slice spacing; None when it keeps every slice."""
+    prep = pred.prep
+    if getattr(prep, "crop_mm", None) is not None:
+        return float(prep.crop_mm)
+    if getattr(prep, "crop_slices", None) is not None and pred.train_spacing is not None:
+        return float(prep.crop_slices) * pred.train_spacing[0]
+    return None
+
+
 def _fov_text(shape: Sequence[int], spacing: Sequence[float]) -> str:
-    """In-plane field of view ``rows x cols`` in mm."""
-    return f"{shape[1] * spacing[1]:.0f} x {shape[2] * spacing[2]:.0f}"
+    """Field of view ``A x I x L`` in mm."""
+    return " x ".join(f"{n * sp:.0f}" for n, sp in zip(shape, spacing))
 
 
 def _restored_probabilities(pred: Predictor, vol: io.Volume, tta: str, groups: Sequence[Sequence[nn.Module]]
@@ -492,9 +503,10 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
                  fov: str = "match") -> CaseResult:
     """Segment one scan and write its outputs (see the module docstring for the steps).
 
-    ``fov`` (:data:`femurseg.inference.fov.FOV_MODES`): "match" segments a scan whose in-plane field
-    of view is wider than the training scans' in a window of the training field of view
-    (:func:`matched_fold_probabilities`); "full" segments the whole scan as it is.
+    ``fov`` (:data:`femurseg.inference.fov.FOV_MODES`): "match" segments a scan whose field of view
+    differs from the training scans' (wider or narrower in-plane, thicker than the preprocessing's
+    slab) in windows of the training field of view (:func:`matched_fold_probabilities`); "full"
+    segments the whole scan as it is.
 
     ``qc`` (:data:`femurseg.inference.qc.QC_MODES`): "on" checks the scan and its mask
     (:func:`femurseg.inference.qc.assess`), writes the record beside the mask (``<case>_qc.json``)
@@ -519,9 +531,9 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
     check_volume(pred, vol, notify)
     folds, window = matched_fold_probabilities(pred, vol, tta, per_fold=qc != "off", fov=fov)
     if window is not None:
-        notify(f"notice: {src.name}: field of view {_fov_text(vol.data.shape, vol.spacing)} mm is wider than the "
+        notify(f"notice: {src.name}: field of view {_fov_text(vol.data.shape, vol.spacing)} mm differs from the "
                f"training scans'; segmented in a {_fov_text([w.stop - w.start for w in window], vol.spacing)} mm window "
-               f"(--fov full: the whole scan)")
+               f"placed on the femur (--fov full: the whole scan as it is)")
     prob = folds[0] if len(folds) == 1 else np.mean(folds, axis=0, dtype=np.float32)
     mask, thr = segment(prob, vol.spacing, threshold=threshold, stored=pred.thresholds, postprocess=postprocess,
                         min_size_mm3=min_size_mm3, notify=notify)
