@@ -73,8 +73,9 @@ def test_matched_window_inside_tiles_outside():
         calls.append(a.shape)
         return [(0.7 if len(calls) <= n_tiles else 0.9) * (a > 0.5).astype(np.float32)]
 
-    probs, window = F.matched_probabilities(img, SPACING, t, probabilities)
-    assert window is not None and probs[0].shape == img.shape
+    probs, windows = F.matched_probabilities(img, SPACING, t, probabilities)
+    assert len(windows) == 1 and probs[0].shape == img.shape
+    window = windows[0]
     assert n_tiles < len(calls) <= n_tiles + F.MAX_PASSES and all(c == (8, 120, 120) for c in calls)
     inside = np.zeros(img.shape, bool)
     inside[window] = True
@@ -93,13 +94,13 @@ def test_matched_probabilities_leaves_training_sized_scans_alone():
     img = np.zeros((8, 120, 120), np.float32)
     img[2:6, 40:70, 50:80] = 1.0
     calls = []
-    probs, window = F.matched_probabilities(img, SPACING, t, lambda a: calls.append(a.shape) or [a.copy()])
-    assert window is None and calls == [img.shape]
+    probs, windows = F.matched_probabilities(img, SPACING, t, lambda a: calls.append(a.shape) or [a.copy()])
+    assert windows == [] and calls == [img.shape]
     np.testing.assert_array_equal(probs[0], img)
     # nothing found in a wide scan: the tiles' answer, no window
     empty = np.zeros((8, 200, 200), np.float32)
-    probs, window = F.matched_probabilities(empty, SPACING, t, lambda a: [np.zeros(a.shape, np.float32)])
-    assert window is None and probs[0].shape == empty.shape and not probs[0].any()
+    probs, windows = F.matched_probabilities(empty, SPACING, t, lambda a: [np.zeros(a.shape, np.float32)])
+    assert windows == [] and probs[0].shape == empty.shape and not probs[0].any()
 
 
 def test_paste_into_the_base_maps():
@@ -132,8 +133,8 @@ def test_a_narrower_scan_is_segmented_in_one_edge_padded_window():
         calls.append(a.shape)
         return [(a > 0.5).astype(np.float32)]
 
-    probs, window = F.matched_probabilities(img, SPACING, t, probabilities)
-    assert window is not None and all(c == (8, 120, 120) for c in calls)
+    probs, windows = F.matched_probabilities(img, SPACING, t, probabilities)
+    assert len(windows) == 1 and all(c == (8, 120, 120) for c in calls)
     assert probs[0].shape == img.shape
     np.testing.assert_array_equal(probs[0] > 0.5, img > 0.5)
 
@@ -156,8 +157,22 @@ def test_the_slab_is_placed_on_the_femur_in_a_thicker_scan():
         fg = (a > 0.5).astype(np.float32)
         return [fg if fg[0].max() == 0 and fg[-1].max() == 0 else np.zeros_like(fg)]
 
-    probs, window = F.matched_probabilities(img, SPACING, t, probabilities)
-    assert window is not None and window[0].stop - window[0].start == 48
+    probs, windows = F.matched_probabilities(img, SPACING, t, probabilities)
+    window = windows[0]
+    assert len(windows) == 1 and window[0].stop - window[0].start == 48
     assert window[0].start <= 60 and window[0].stop >= 90 and window[1:] == (slice(0, 120), slice(0, 120))
     assert all(c[0] == 48 for c in calls)
+    np.testing.assert_array_equal(probs[0] > 0.5, img > 0.5)
+
+
+def test_both_hips_get_a_window_each():
+    t = F.training_field_of_view(REFERENCE)
+    img = np.zeros((8, 120, 260), np.float32)  # 260 mm wide: a femur on each side
+    img[2:6, 40:80, 30:60] = 1.0
+    img[2:6, 40:75, 200:230] = 1.0  # a little smaller
+    img[2:6, 5:8, 125:128] = 1.0  # a speck: below MIN_FEMUR_FRACTION, no window
+    probs, windows = F.matched_probabilities(img, SPACING, t, lambda a: [(a > 0.5).astype(np.float32)])
+    assert len(windows) == 2
+    cols = [(w[2].start, w[2].stop) for w in windows]
+    assert cols[0][0] <= 30 and cols[0][1] >= 60 and cols[1][0] <= 200 and cols[1][1] >= 230  # largest first
     np.testing.assert_array_equal(probs[0] > 0.5, img > 0.5)

@@ -163,9 +163,10 @@ def test_predict_matches_a_wider_field_of_view(trained_run, tmp_path):
     window_notes = [n for n in notes if "segmented in a" in n]
     assert len(window_notes) == 1 and "wide.nii.gz" in window_notes[0], notes
     record = json.loads((tmp_path / "wide_mask_qc.json").read_text())
-    (r0, r1), (c0, c1) = record["fov_window"][1], record["fov_window"][2]
+    assert len(record["fov_windows"]) == 1
+    (r0, r1), (c0, c1) = record["fov_windows"][0][1], record["fov_windows"][0][2]
     assert r1 - r0 == SHAPE[1] and c1 - c0 == SHAPE[2]
-    assert "fov_window" not in json.loads((tmp_path / "plain_mask_qc.json").read_text())
+    assert "fov_windows" not in json.loads((tmp_path / "plain_mask_qc.json").read_text())
     inner = masks["wide"][:, pad:-pad, pad:-pad]
     # the padding holds no femur (outside the window the tiles' answer is kept where it joins the femur)
     assert np.count_nonzero(masks["wide"]) - np.count_nonzero(inner) < 0.02 * np.count_nonzero(inner)

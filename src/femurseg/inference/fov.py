@@ -12,8 +12,9 @@ brought back to what the network saw:
 2. cut the window that puts the largest component of that map (probability >= 0.5) where the
    training labels' centroids lay (the middle of their range, relative to the field of view) and
    segment it again, repeated while the window moves by more than :data:`SETTLE_MM` (at most
-   :data:`MAX_PASSES` windows);
-3. inside that window its probabilities, outside it the tiles' (where the femur leaves the window,
+   :data:`MAX_PASSES` windows); a second component of at least :data:`MIN_FEMUR_FRACTION` of the
+   largest (the other hip of a scan showing both) gets its own window the same way;
+3. inside those windows their probabilities, outside them the tiles' (where the femur leaves the window,
    e.g. more shaft; what lies outside and is not connected to the femur is removed by the
    largest-component post-processing).
 
@@ -50,6 +51,13 @@ MAX_PASSES = 2
 
 TILE_OVERLAP = 0.5
 """Overlap of neighbouring tiles (fraction of the window)."""
+
+MAX_FEMURS = 2
+"""Femurs matched at most, one window each (a scan of both hips)."""
+
+MIN_FEMUR_FRACTION = 0.25
+"""A further component of the tiles' mask gets its own window when it has at least this fraction
+of the largest one's voxels."""
 
 SETTLE_MM = 3.0
 """The window has settled when its corner moves by at most this much (mm) between passes."""
@@ -178,13 +186,15 @@ def _foreground(prob: np.ndarray) -> np.ndarray:
     return 1.0 - prob[0] if prob.ndim == 4 else prob
 
 
-def _centroid(prob: np.ndarray) -> tuple[float, ...] | None:
-    """Centroid (voxel indices) of the largest component of ``prob >= 0.5``; None when empty."""
+def _centroids(prob: np.ndarray, most: int = 1) -> list[tuple[float, ...]]:
+    """Centroids (voxel indices) of the largest component of ``prob >= 0.5`` and of up to
+    ``most - 1`` further ones with at least :data:`MIN_FEMUR_FRACTION` of its voxels, largest first."""
     lab, n = ndimage.label(_foreground(prob) >= 0.5)
     if n == 0:
-        return None
-    largest = 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
-    return tuple(float(c) for c in ndimage.center_of_mass(lab == largest))
+        return []
+    sizes = np.bincount(lab.ravel())[1:]
+    order = [int(k) for k in np.argsort(sizes)[::-1][:most] if sizes[k] >= MIN_FEMUR_FRACTION * sizes.max()]
+    return [tuple(float(c) for c in ndimage.center_of_mass(lab == k + 1)) for k in order]
 
 
 def tiled_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov: TrainFov,
@@ -220,9 +230,28 @@ def tiled_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov: 
     return [a / total for a in acc]
 
 
+def _settled_window(image: np.ndarray, spacing: Sequence[float], train_fov: TrainFov,
+                    probabilities: Callable[[np.ndarray], list[np.ndarray]], centroid: Sequence[float]
+                    ) -> tuple[Window, list[np.ndarray]]:
+    """The window placed on the femur at ``centroid`` and its probabilities, moved onto the
+    window's own femur while it moves by more than :data:`SETTLE_MM` (at most :data:`MAX_PASSES`)."""
+    window = fov_window(image.shape, spacing, centroid, train_fov)
+    probs = probabilities(extract(image, window))
+    for _ in range(MAX_PASSES - 1):
+        found = _centroids(np.mean(probs, axis=0) if len(probs) > 1 else probs[0])
+        if not found:
+            break
+        c = tuple(ci + w.start for ci, w in zip(found[0], window))
+        new = fov_window(image.shape, spacing, c, train_fov)
+        if all(abs(new[ax].start - window[ax].start) * spacing[ax] <= SETTLE_MM for ax in train_fov):
+            break
+        window, probs = new, probabilities(extract(image, new))
+    return window, probs
+
+
 def matched_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov: TrainFov | None,
                           probabilities: Callable[[np.ndarray], list[np.ndarray]],
-                          ) -> tuple[list[np.ndarray], Window | None]:
+                          ) -> tuple[list[np.ndarray], list[Window]]:
     """Probabilities of ``image`` (canonical ``(A, I, L)``, ``spacing`` mm) segmented in windows
     of the training field of view (see the module docstring).
 
@@ -234,26 +263,17 @@ def matched_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov
             fold model, or the ensemble's alone); their mean locates the femur.
 
     Returns:
-        The maps on the scan's grid, and the matched window (None: the whole scan was segmented
-        as it is, because it needs no matching; or the tiles alone, when they found nothing).
+        The maps on the scan's grid, and the matched windows, one per femur found (up to
+        :data:`MAX_FEMURS`, largest first; empty: the whole scan was segmented as it is, because it
+        needs no matching, or the tiles alone, when they found nothing).
     """
     if not needs_matching(image.shape, spacing, train_fov):
-        return probabilities(image), None
+        return probabilities(image), []
     assert train_fov is not None
     tiles = tiled_probabilities(image, spacing, train_fov, probabilities)
-    probs, window = tiles, None
-    for _ in range(MAX_PASSES):
-        c = _centroid(np.mean(probs, axis=0) if len(probs) > 1 else probs[0])
-        if c is None:
-            break
-        if window is not None:
-            c = tuple(ci + w.start for ci, w in zip(c, window))
-        new = fov_window(image.shape, spacing, c, train_fov)
-        if window is not None and all(abs(new[ax].start - window[ax].start) * spacing[ax] <= SETTLE_MM
-                                      for ax in train_fov):
-            break
-        window = new
-        probs = probabilities(extract(image, window))
-    if window is None:
-        return tiles, None
-    return paste(probs, window, tiles), window
+    found = _centroids(np.mean(tiles, axis=0) if len(tiles) > 1 else tiles[0], MAX_FEMURS)
+    matched = [_settled_window(image, spacing, train_fov, probabilities, c) for c in found]
+    out = tiles
+    for window, probs in reversed(matched):  # the largest femur's window last: it wins where they overlap
+        out = paste(probs, window, out)
+    return out, [w for w, _ in matched]

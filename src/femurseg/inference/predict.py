@@ -271,11 +271,11 @@ def fold_probabilities(pred: Predictor, vol: io.Volume, tta: str = "none") -> li
 
 
 def matched_fold_probabilities(pred: Predictor, vol: io.Volume, tta: str = "none", *, per_fold: bool = True,
-                               fov: str = "match") -> tuple[list[np.ndarray], tuple[slice, ...] | None]:
+                               fov: str = "match") -> tuple[list[np.ndarray], list[tuple[slice, ...]]]:
     """:func:`fold_probabilities` (``per_fold``) or ``[`` :func:`predict_probability` ``]``, with the
     field of view matched to the training scans' (:mod:`femurseg.inference.fov`) when ``fov`` is
-    "match" and the run has a QC reference. Returns the maps on ``vol``'s grid and the in-plane
-    window they were computed in (None: the whole scan). Predictors with their own
+    "match" and the run has a QC reference. Returns the maps on ``vol``'s grid and the windows
+    placed on the femurs (:func:`femurseg.inference.fov.matched_probabilities`; empty: the whole scan). Predictors with their own
     ``probability_fn`` (the CT cascade localises the femur itself) are never matched."""
     from femurseg.inference.fov import matched_probabilities, training_field_of_view
 
@@ -529,11 +529,13 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
         raise FemursegError(f"--fov: expected one of {', '.join(FOV_MODES)}, got {fov!r}")
     vol = io.read_image(src)
     check_volume(pred, vol, notify)
-    folds, window = matched_fold_probabilities(pred, vol, tta, per_fold=qc != "off", fov=fov)
-    if window is not None:
+    folds, windows = matched_fold_probabilities(pred, vol, tta, per_fold=qc != "off", fov=fov)
+    if windows:
+        size = _fov_text([w.stop - w.start for w in windows[0]], vol.spacing)
         notify(f"notice: {src.name}: field of view {_fov_text(vol.data.shape, vol.spacing)} mm differs from the "
-               f"training scans'; segmented in a {_fov_text([w.stop - w.start for w in window], vol.spacing)} mm window "
-               f"placed on the femur (--fov full: the whole scan as it is)")
+               f"training scans'; segmented in {'a' if len(windows) == 1 else len(windows)} {size} mm "
+               f"window{'s' if len(windows) > 1 else ''} placed on the femur{'s' if len(windows) > 1 else ''} "
+               f"(--fov full: the whole scan as it is)")
     prob = folds[0] if len(folds) == 1 else np.mean(folds, axis=0, dtype=np.float32)
     mask, thr = segment(prob, vol.spacing, threshold=threshold, stored=pred.thresholds, postprocess=postprocess,
                         min_size_mm3=min_size_mm3, notify=notify)
@@ -545,8 +547,8 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
         record = assess(vol.data, vol.spacing, mask, prob=fg_prob, fold_masks=fold_masks, reference=pred.qc_reference,
                         checks=qc_checks)
         record["input"] = str(src)
-        if window is not None:
-            record["fov_window"] = [[w.start, w.stop] for w in window]
+        if windows:
+            record["fov_windows"] = [[[w.start, w.stop] for w in window] for window in windows]
         if record["verdict"] != "ok":
             notify(f"QC {record['verdict']}: {src.name}: {'; '.join(r.split(': ', 1)[1] for r in record['reasons'])}")
         if qc == "strict" and record["verdict"] == "fail":
