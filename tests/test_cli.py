@@ -80,6 +80,17 @@ def test_synth_world_and_shift_options(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr and "colour" in r.stderr
 
 
+def test_synth_bilateral(tmp_path):
+    import json
+
+    out = tmp_path / "both"
+    r = femurseg("synth", out, "--n", "1", "--size", "80,32,12", "--bilateral", "--artefact-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    (m,) = meta.values()
+    assert m["side"] == "bilateral" and len(m["femurs"]) == 2 and m["shape"] == [12, 32, 80]
+
+
 def test_training_options_take_an_augmentation_preset():
     from femurseg.cli import _training_options
     from femurseg.data.augment import AugmentConfig

@@ -196,6 +196,22 @@ def test_bilateral_ct_has_one_femur_per_side():
     assert right["head_centre_mm"][2] < c.meta["body"]["midline_mm"]  # patient right = low columns
 
 
+def test_bilateral_mr_shows_both_hips_in_a_pelvic_field_of_view():
+    c = phantom.generate_case(3, modality="mr", bilateral=True, shape=(24, 64, 160), artefacts=False)
+    assert c.meta["side"] == "bilateral" and [f["side"] for f in c.meta["femurs"]] == ["right", "left"]
+    assert c.spacing == (1.5, 1.875, 1.875)  # 120 x 300 mm in plane
+    assert phantom.default_shape("mr", bilateral=True) == phantom.MR_BILATERAL_SHAPE
+    lab, n = ndimage.label(c.label > 0)
+    assert n == 2
+    cols = [np.nonzero(lab == k)[2].mean() for k in (1, 2)]
+    assert min(cols) < c.label.shape[2] / 2 < max(cols)
+    # both femurs show marrow brighter than the muscle around them, as a unilateral MR phantom does
+    for k in (1, 2):
+        femur = lab == k
+        ring = ndimage.binary_dilation(femur, iterations=4) & ~ndimage.binary_dilation(femur, iterations=2)
+        assert np.median(c.image[femur]) > np.median(c.image[ring])
+
+
 def test_threshold_does_not_segment_the_mr_femur(mr_cohort):
     """Fatty marrow is as bright as fat: no global threshold gives the femur (Dice < 0.9)."""
     for case in mr_cohort:

@@ -45,6 +45,7 @@ def synth(
     preview: bool = typer.Option(False, "--preview", help="Also write preview.png: coronal slices of the first cases with the label outline."),
     variation: Optional[str] = typer.Option(None, help="Phantom world: wide (MR default) or narrow (CT default; the original MR world)."),
     shift: Optional[str] = typer.Option(None, help="Factor groups moved beyond the world's ranges, comma-separated (placement, head, neck, pose, contrast, cortex, texture, noise_bias, slice) or all."),
+    bilateral: bool = typer.Option(False, "--bilateral", help="Both hips per scan (a pelvic field of view: MR 300 x 120 mm, CT 320 x 128 mm)."),
 ) -> None:
     """Generate a synthetic hip phantom dataset (the embedded default data)."""
     from femurseg.data import synth as synth_mod
@@ -60,7 +61,8 @@ def synth(
             raise FemursegError(f"--spacing: expected three positive numbers in mm, got {spacing!r}")
     ds = synth_mod.synthesize(out, n=n, modality=modality, seed=seed, shape=shape, spacing=spc,
                               artefact_fraction=artefact_fraction, preview=preview, variation=variation,
-                              shift=None if shift is None else ("all" if shift == "all" else shift.split(",")))
+                              shift=None if shift is None else ("all" if shift == "all" else shift.split(",")),
+                              bilateral=bilateral)
     typer.echo(f"wrote {len(ds.cases)} {modality.upper()} cases to {out}")
     if preview:
         typer.echo(f"preview: {Path(out) / 'preview.png'}")

@@ -61,7 +61,7 @@ Defaults and why:
   isotropic 1 mm voxels like QCT (paper 003: 1 mm slices, 0.8 mm pixels), 128 mm in plane
   covers the head to below the lesser trochanter, 64 mm covers the femur front to back;
   every size divides by 16 for 4-level U-Nets. ``CT_BILATERAL_SHAPE = (64, 128, 320)``
-  holds both hips.
+  holds both hips, as ``MR_BILATERAL_SHAPE = (48, 128, 320)`` does in MR (300 mm wide).
 * A ``shape`` without ``spacing`` keeps the default field of view (:func:`fov_spacing`):
   ``shape=PAPER_SHAPE`` alone gives the paper's 0.234 mm pixels, ``(24, 64, 64)`` a fast
   low-resolution version of the same hips.
@@ -102,6 +102,8 @@ PAPER_SPACING: tuple[float, float, float] = (1.5, 0.234, 0.234)
 CT_DEFAULT_SHAPE: tuple[int, int, int] = (64, 128, 128)
 CT_DEFAULT_SPACING: tuple[float, float, float] = (1.0, 1.0, 1.0)
 CT_BILATERAL_SHAPE: tuple[int, int, int] = (64, 128, 320)
+MR_BILATERAL_SHAPE: tuple[int, int, int] = (48, 128, 320)
+"""Both hips in MR: 300 x 120 mm in-plane at the default MR spacing (a pelvic field of view)."""
 MODALITIES: tuple[str, ...] = ("mr", "ct")
 SIDES: tuple[str, ...] = ("right", "left")
 ARTEFACT_KINDS: tuple[str, ...] = ("foldover", "cyst")
@@ -271,7 +273,7 @@ def default_shape(modality: str = "mr", bilateral: bool = False) -> tuple[int, i
     """Default canonical shape for a modality (see the module docstring for why)."""
     modality = _check_modality(modality)
     if modality == "mr":
-        return DEFAULT_SHAPE
+        return MR_BILATERAL_SHAPE if bilateral else DEFAULT_SHAPE
     return CT_BILATERAL_SHAPE if bilateral else CT_DEFAULT_SHAPE
 
 
@@ -285,7 +287,7 @@ def fov_spacing(shape: Sequence[int], modality: str = "mr", bilateral: bool = Fa
 
     The slice thickness stays the default (1.5 mm MR, 1 mm CT: more slices cover more
     front-to-back), the in-plane spacing is the default in-plane field of view (MR 120 mm,
-    CT 128 mm, bilateral CT 128 x 320 mm) divided by the number of rows / columns. So
+    CT 128 mm, bilateral MR 120 x 300 mm, bilateral CT 128 x 320 mm) divided by the number of rows / columns. So
     ``(48, 128, 128)`` gives ``DEFAULT_SPACING`` and ``PAPER_SHAPE`` gives ``PAPER_SPACING``
     (0.234375 mm, the paper's 0.234); used by :func:`generate_case` when ``spacing`` is None.
     """
@@ -332,7 +334,7 @@ def generate_case(
             mode (MR: fold-over and/or bone cyst; CT: cyst); True: always one; False: never;
             a sequence of names from ``ARTEFACT_KINDS``: exactly those.
         artefact_fraction: probability of an artefact when ``artefacts`` is None.
-        bilateral: CT only: both hips in a wide field of view (default shape
+        bilateral: both hips in a wide field of view (default shape ``MR_BILATERAL_SHAPE`` /
             ``CT_BILATERAL_SHAPE``); the label holds both femurs.
         supersample: in-plane render factor for partial volume (None: 2 when the in-plane
             spacing is >= 0.4 mm and the render grid stays under 4.5 M voxels, else 1;
@@ -348,8 +350,6 @@ def generate_case(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
         raise FemursegError(f"seed: expected a non-negative integer, got {seed!r}")
     seed = int(seed)
-    if bilateral and modality != "ct":
-        raise FemursegError("bilateral: only CT phantoms can be bilateral")
     shape = tuple(int(v) for v in (default_shape(modality, bilateral) if shape is None else shape))
     if len(shape) != 3 or min(shape) < 8:
         raise FemursegError(f"shape: expected 3 sizes >= 8 (coronal, rows, cols), got {shape}")

@@ -34,6 +34,7 @@ def synthesize(
     progress: bool = True,
     variation: str | None = None,
     shift: str | list[str] | None = None,
+    bilateral: bool = False,
 ) -> Dataset:
     """Generate ``n`` phantom cases into the nnU-Net dataset folder ``out``.
 
@@ -42,7 +43,8 @@ def synthesize(
     interrupted run leaves nothing half-written. ``meta.json`` records each case's
     true geometry (head centre, axes, angles) for tests and the CT region fit.
     ``variation`` / ``shift`` choose the phantom world (:func:`femurseg.data.phantom.variation`;
-    None: the modality's default world).
+    None: the modality's default world). ``bilateral``: both hips per case (a pelvic field of view,
+    :data:`femurseg.data.phantom.MR_BILATERAL_SHAPE` / ``CT_BILATERAL_SHAPE`` by default).
     """
     modality = modality.lower()
     if modality not in ("mr", "ct"):
@@ -55,7 +57,8 @@ def synthesize(
     if variation is not None or shift:
         default = "wide" if modality == "mr" else "narrow"
         kwargs["variation"] = phantom.variation(variation or default, shift)
-    cohort = phantom.generate_cohort(n, modality=modality, seed=seed, artefact_fraction=artefact_fraction, **kwargs)
+    cohort = phantom.generate_cohort(n, modality=modality, seed=seed, artefact_fraction=artefact_fraction,
+                                     bilateral=bilateral, **kwargs)
     groups: dict[str, str] = {}
     metas: dict[str, dict] = {}
     first: list[phantom.PhantomCase] = []
