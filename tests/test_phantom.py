@@ -96,8 +96,6 @@ def test_user_errors_are_femurseg_errors():
         phantom.generate_case(0, side="middle")
     with pytest.raises(FemursegError, match="seed"):
         phantom.generate_case(-1)
-    with pytest.raises(FemursegError, match="bilateral"):
-        phantom.generate_case(0, modality="mr", bilateral=True)
     with pytest.raises(FemursegError, match="spacing"):
         phantom.generate_case(0, spacing=(1.5, 0.0, 1.0))
 
