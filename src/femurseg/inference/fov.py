@@ -1,5 +1,5 @@
-"""Field-of-view matching: segment a scan whose in-plane field of view is wider or narrower than
-the training scans' in windows of the training field of view.
+"""Field-of-view matching: segment a scan whose field of view differs from the training scans'
+(wider or narrower in-plane, thicker than the slab) in windows of the training field of view.
 
 A network trained on whole slabs of one in-plane field of view learns where the border of the
 image is, not only what a femur looks like: the same hip rendered with more thigh, pelvis and air
@@ -14,9 +14,9 @@ brought back to what the network saw:
    segment it again, repeated while the window moves by more than :data:`SETTLE_MM` (at most
    :data:`MAX_PASSES` windows); a second component of at least :data:`MIN_FEMUR_FRACTION` of the
    largest (the other hip of a scan showing both) gets its own window the same way;
-3. inside those windows their probabilities, outside them the tiles' (where the femur leaves the window,
-   e.g. more shaft; what lies outside and is not connected to the femur is removed by the
-   largest-component post-processing).
+3. inside those windows their probabilities, outside them the tiles' (where the femur leaves the
+   window, e.g. more shaft; what lies outside and is not connected to the femur is removed by
+   the largest-component post-processing).
 
 A scan *narrower* than the training scans is segmented the same way in one window that extends
 beyond it, the scan's border voxels repeated outward (edge padding: measured better than padding
@@ -27,8 +27,9 @@ axis where the scan's field of view is more than :data:`FOV_MATCH_FACTOR` times 
 training one, or less than the narrowest divided by it. The slice axis (anterior, axis 0) is
 matched where the scan is thicker by that factor than the central slab the preprocessing keeps
 (``crop_mm``): the slab is placed on the femur, not in the middle of the scan. Scans within those
-bounds are segmented exactly as without matching. Windows are ``(start, stop)`` voxel slices of the scan's canonical axes and may
-reach beyond the scan (negative ``start``, ``stop`` past its size) where it is narrower.
+bounds are segmented exactly as without matching. Windows are ``(start, stop)`` voxel slices of
+the scan's canonical axes and may reach beyond the scan (negative ``start``, ``stop`` past its
+size) where it is narrower.
 """
 
 from __future__ import annotations
