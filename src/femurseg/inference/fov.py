@@ -40,6 +40,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from femurseg.inference.thresholds import foreground_probability
+
 FOV_MODES = ("match", "full")
 """``--fov``: match (windows of the training field of view) or full (the whole scan as it is)."""
 
@@ -105,8 +107,8 @@ def training_field_of_view(reference: Mapping[str, Any] | None, slab_mm: float |
                 continue
             mid = 0.5 * (lo + hi)  # the centroid relative to the central slab of the training scans
             centre = min(max((centre * mid - 0.5 * (mid - slab_mm)) / slab_mm, 0.0), 1.0) if mid > slab_mm else centre
-            lo = hi = float(min(slab_mm, hi))
-            out[ax] = AxisFov(0.0, hi, hi, centre)
+            width = float(min(slab_mm, hi))
+            out[ax] = AxisFov(0.0, width, width, centre)
             continue
         out[ax] = AxisFov(lo, hi, 0.5 * (lo + hi), centre)
     return out
@@ -182,15 +184,15 @@ def paste(probs: Sequence[np.ndarray], window: Window, base: Sequence[np.ndarray
     return out
 
 
-def _foreground(prob: np.ndarray) -> np.ndarray:
-    """Femur probability from a binary map ``shape`` or class probabilities ``(C, *shape)``."""
-    return 1.0 - prob[0] if prob.ndim == 4 else prob
+def _mean(probs: Sequence[np.ndarray]) -> np.ndarray:
+    """The maps' mean (the ensemble's probability)."""
+    return np.mean(probs, axis=0) if len(probs) > 1 else probs[0]
 
 
 def _centroids(prob: np.ndarray, most: int = 1) -> list[tuple[float, ...]]:
     """Centroids (voxel indices) of the largest component of ``prob >= 0.5`` and of up to
     ``most - 1`` further ones with at least :data:`MIN_FEMUR_FRACTION` of its voxels, largest first."""
-    lab, n = ndimage.label(_foreground(prob) >= 0.5)
+    lab, n = ndimage.label(foreground_probability(prob) >= 0.5)
     if n == 0:
         return []
     sizes = np.bincount(lab.ravel())[1:]
@@ -239,7 +241,7 @@ def _settled_window(image: np.ndarray, spacing: Sequence[float], train_fov: Trai
     window = fov_window(image.shape, spacing, centroid, train_fov)
     probs = probabilities(extract(image, window))
     for _ in range(MAX_PASSES - 1):
-        found = _centroids(np.mean(probs, axis=0) if len(probs) > 1 else probs[0])
+        found = _centroids(_mean(probs))
         if not found:
             break
         c = tuple(ci + w.start for ci, w in zip(found[0], window))
@@ -272,7 +274,7 @@ def matched_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov
         return probabilities(image), []
     assert train_fov is not None
     tiles = tiled_probabilities(image, spacing, train_fov, probabilities)
-    found = _centroids(np.mean(tiles, axis=0) if len(tiles) > 1 else tiles[0], MAX_FEMURS)
+    found = _centroids(_mean(tiles), MAX_FEMURS)
     matched = [_settled_window(image, spacing, train_fov, probabilities, c) for c in found]
     out = tiles
     for window, probs in reversed(matched):  # the largest femur's window last: it wins where they overlap

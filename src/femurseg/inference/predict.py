@@ -67,6 +67,7 @@ from femurseg.core import io
 from femurseg.core.errors import FemursegError, atomic_path
 from femurseg.inference.fov import FOV_MODES
 from femurseg.inference.qc import QC_MODES, assess
+from femurseg.inference.thresholds import foreground_probability
 
 EXIT_SOME_FAILED = 2
 """Exit status of a batch in which at least one scan failed (others were segmented)."""
@@ -403,7 +404,7 @@ def segment(prob: np.ndarray, spacing: Sequence[float], *, threshold: str | floa
     if str(postprocess).strip().lower() not in MODES:
         raise FemursegError(f"--postprocess: expected one of {', '.join(MODES)}, got {postprocess!r}")
     multi = prob.ndim == 4
-    fg = (1.0 - prob[0]) if multi else prob
+    fg = foreground_probability(prob)
     if threshold is None:
         if stored and stored.get("pr") is not None:
             threshold = "pr"
@@ -539,7 +540,7 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
     prob = folds[0] if len(folds) == 1 else np.mean(folds, axis=0, dtype=np.float32)
     mask, thr = segment(prob, vol.spacing, threshold=threshold, stored=pred.thresholds, postprocess=postprocess,
                         min_size_mm3=min_size_mm3, notify=notify)
-    fg_prob = (1.0 - prob[0]) if prob.ndim == 4 else prob
+    fg_prob = foreground_probability(prob)
     record = None
     if qc != "off":
         fold_masks = [segment(p, vol.spacing, threshold=thr, postprocess=postprocess, min_size_mm3=min_size_mm3,

@@ -33,6 +33,12 @@ __all__ = ["METHODS", "binarize", "otsu_threshold", "pr_threshold", "resolve_thr
 METHODS: tuple[str, ...] = ("pr", "youden", "otsu")
 
 
+def foreground_probability(prob: np.ndarray) -> np.ndarray:
+    """Femur probability from a binary map (``shape``) or class probabilities ``(C, *shape)``
+    (one minus the background's: any femur class)."""
+    return 1.0 - prob[0] if prob.ndim == 4 else prob
+
+
 def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
     """The mask of a probability map at ``threshold``: ``prob >= threshold`` (bool)."""
     return np.asarray(prob) >= threshold

@@ -51,6 +51,7 @@ from femurseg.core.precision import resolve_precision
 from femurseg.inference.qc import image_features, mask_features, reference_from_cases
 from femurseg.inference.qc import load_reference as load_qc_reference
 from femurseg.inference.qc import write_reference as write_qc_reference
+from femurseg.inference.thresholds import foreground_probability
 from femurseg.core.progress import progress as progress_bar
 from femurseg.core.progress import write as progress_write
 from femurseg.core.tables import write_csv
@@ -622,8 +623,7 @@ def _write_oof(run: Run, ds: Dataset, prepared: dict[str, Prepared], case_ids: l
         p = prepared[cid]
         t0 = time.perf_counter()
         prob = predict_prob([model], p.sample.image, batch_size=1 if sd == 3 else 16, device=device)
-        if prob.ndim == 4:  # C > 2: store the probability of any foreground class
-            prob = 1.0 - prob[0]
+        prob = foreground_probability(prob)  # C > 2: store the probability of any foreground class
         full = restore(prob.astype(np.float32), p.info, order=1)
         seconds.append(time.perf_counter() - t0)
         like = io.read_image(ds.case(cid).image, dtype=None)
