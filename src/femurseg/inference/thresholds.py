@@ -27,7 +27,7 @@ import numpy as np
 from femurseg.core.errors import FemursegError
 from femurseg.inference.curves import roc_pr_curves
 
-__all__ = ["METHODS", "binarize", "otsu_threshold", "pr_threshold", "resolve_threshold", "youden_threshold"]
+__all__ = ["METHODS", "binarize", "foreground_probability", "otsu_threshold", "pr_threshold", "resolve_threshold", "youden_threshold"]
 
 #: Named threshold rules accepted by :func:`resolve_threshold`.
 METHODS: tuple[str, ...] = ("pr", "youden", "otsu")
