@@ -34,9 +34,29 @@ def test_largest_component_connectivity():
     assert P.largest_component(m2).sum() == 4 and P.largest_component(m2, connectivity=4).sum() == 1
 
 
+def test_largest_components_keeps_a_second_femur_not_a_fragment():
+    shape = (12, 60, 60)
+    right = ball(shape, centre=(6, 15, 15), radius=2.5, spacing=SP)
+    left = ball(shape, centre=(6, 15, 45), radius=2.0, spacing=SP)  # 0.51 of the right's volume
+    speck = ball(shape, centre=(6, 45, 30), radius=1.0, spacing=SP)  # 0.06 of it
+    m = right | left | speck
+    assert left.sum() >= P.MIN_FEMUR_FRACTION * right.sum() > speck.sum()
+    np.testing.assert_array_equal(P.largest_components(m), right | left)
+    np.testing.assert_array_equal(P.largest_components(m, most=1), P.largest_component(m))
+    np.testing.assert_array_equal(P.largest_components(m, most=3), right | left)  # the speck stays out
+    np.testing.assert_array_equal(P.largest_components(m, most=3, min_fraction=0.0), m)
+    np.testing.assert_array_equal(P.largest_components(m, min_fraction=0.6), right)
+    np.testing.assert_array_equal(P.postprocess(m, "lcc2", SP), right | left)
+    opened = P.postprocess(m, "lcc2+fill+open", SP, open_radius_mm=0.5)
+    assert opened[right].mean() > 0.9 and opened[left].mean() > 0.9 and not opened[speck].any()
+    np.testing.assert_array_equal(P.postprocess(m, "lcc", SP), right)
+    with pytest.raises(ValueError, match="most"):
+        P.largest_components(m, most=0)
+
+
 def test_empty_masks_pass_through():
     e = np.zeros((4, 5, 6), bool)
-    for out in (P.largest_component(e), P.fill_holes(e), P.opening(e, 1.0, SP),
+    for out in (P.largest_component(e), P.largest_components(e), P.fill_holes(e), P.opening(e, 1.0, SP),
                 P.remove_small_components(e, 10.0, SP)):
         assert out.shape == e.shape and not out.any()
     for mode in P.MODES:
@@ -141,7 +161,7 @@ def test_postprocess_modes():
     np.testing.assert_array_equal(P.postprocess(m, "none", SP, min_size_mm3=frag_mm3 * 1.01), m & ~fragment)
     np.testing.assert_array_equal(P.postprocess(m, "none", SP, min_size_mm3=frag_mm3 * 0.99), m)
     np.testing.assert_array_equal(m, before)  # input untouched
-    with pytest.raises(ValueError, match="none, lcc, lcc\\+fill, lcc\\+fill\\+open"):
+    with pytest.raises(ValueError, match="none, lcc, lcc\\+fill, lcc\\+fill\\+open, lcc2"):
         P.postprocess(m, "crf", SP)
 
 

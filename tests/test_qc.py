@@ -76,6 +76,27 @@ def test_femoral_head_check_is_a_mask_check(reference):
     assert any(r.startswith("fail:") and "femoral head" in r for r in reasons)
 
 
+def test_both_hips_are_checked_per_femur(reference):
+    from femurseg.ct.regions import femoral_head_check
+
+    c = phantom.generate_case(3, modality="mr", shape=(32, 64, 160), spacing=SPACING, artefacts=False,
+                              variation="narrow", bilateral=True)
+    both = c.label > 0
+    one = Q.assess(c.image, SPACING, both, reference=reference, checks=(femoral_head_check,))
+    assert any("large components" in r for r in one["reasons"])
+    assert any(r.startswith("fail:") and "one femur" in r for r in one["reasons"])  # the head check needs one femur
+    two = Q.assess(c.image, SPACING, both, reference=reference, checks=(femoral_head_check,), femurs=2)
+    assert [r for r in two["reasons"] if "field of view" not in r] == [], two["reasons"]  # 300 mm wide: only that
+    vols = two["mask"]["femur_volumes_cm3"]
+    assert len(vols) == 2 and sum(vols) == pytest.approx(two["mask"]["volume_cm3"])
+    lo, hi = reference["ranges"]["label_volume_cm3"]
+    assert all(0.8 * lo <= v <= 1.25 * hi for v in vols)
+    half = both.copy()
+    half[:, :, 80:] = False  # one femur only: fine with femurs=2 too
+    assert not [r for r in Q.assess(c.image, SPACING, half, reference=reference, femurs=2)["reasons"]
+                if "field of view" not in r]
+
+
 def test_fold_agreement_and_entropy():
     a = np.zeros((4, 4, 4), bool)
     a[:2] = True

@@ -136,7 +136,7 @@ def predict(
     prob: Optional[Path] = typer.Option(None, "--prob", help="Also write the femur probability map (float32); batch mode: a folder."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="pr | youden (stored by cv) | otsu | a number in [0, 1]. "
                                             "Default: pr if the run stores it, else 0.5."),
-    postprocess: str = typer.Option("lcc", "--postprocess", help="none | lcc | lcc+fill | lcc+fill+open (lcc: largest 3D component)."),
+    postprocess: str = typer.Option("lcc", "--postprocess", help="none | lcc | lcc+fill | lcc+fill+open | lcc2[+fill[+open]] (lcc: largest 3D component; lcc2: also a second femur of >= 25 % its size, for scans of both hips)."),
     min_size: float = typer.Option(0.0, "--min-size", help="First remove components smaller than this (mm^3)."),
     folds: str = typer.Option("all", "--folds", help="all (average the fold models) or one fold number K."),
     tta: str = typer.Option("none", "--tta", help="none | flip (average with the left-right mirrored scan)."),
@@ -202,7 +202,7 @@ def evaluate(
     prob: Optional[Path] = typer.Option(None, "--prob", help="Folder of probability maps <case>.nii.gz (adds per-case AUC and AP)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Cross-validation run folder: evaluate its out-of-fold predictions at the stored PR threshold."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="--run only: pr (default), youden or a number."),
-    postprocess: Optional[str] = typer.Option(None, "--postprocess", help="--run only: none, lcc, lcc+fill, lcc+fill+open (default: the run's)."),
+    postprocess: Optional[str] = typer.Option(None, "--postprocess", help="--run only: none, lcc, lcc+fill, lcc+fill+open, lcc2, lcc2+fill, lcc2+fill+open (default: the run's)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Metrics per case (DSC, precision, recall, ASD, MSD, HD95, volumes, AUC/AP) of masks or a cv run."""

@@ -12,7 +12,7 @@ brought back to what the network saw:
 2. cut the window that puts the largest component of that map (probability >= 0.5) where the
    training labels' centroids lay (the middle of their range, relative to the field of view) and
    segment it again, repeated while the window moves by more than :data:`SETTLE_MM` (at most
-   :data:`MAX_PASSES` windows); a second component of at least :data:`MIN_FEMUR_FRACTION` of the
+   :data:`MAX_PASSES` windows); a second component of at least :data:`~femurseg.inference.postprocess.MIN_FEMUR_FRACTION` of the
    largest (the other hip of a scan showing both) gets its own window the same way;
 3. inside those windows their probabilities, outside them the tiles' (where the femur leaves the
    window, e.g. more shaft; what lies outside and is not connected to the femur is removed by
@@ -41,6 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from femurseg.inference.thresholds import foreground_probability
+from femurseg.inference.postprocess import MIN_FEMUR_FRACTION
 
 FOV_MODES = ("match", "full")
 """``--fov``: match (windows of the training field of view) or full (the whole scan as it is)."""
@@ -58,9 +59,6 @@ TILE_OVERLAP = 0.5
 MAX_FEMURS = 2
 """Femurs matched at most, one window each (a scan of both hips)."""
 
-MIN_FEMUR_FRACTION = 0.25
-"""A further component of the tiles' mask gets its own window when it has at least this fraction
-of the largest one's voxels."""
 
 SETTLE_MM = 3.0
 """The window has settled when its corner moves by at most this much (mm) between passes."""
@@ -191,7 +189,7 @@ def _mean(probs: Sequence[np.ndarray]) -> np.ndarray:
 
 def _centroids(prob: np.ndarray, most: int = 1) -> list[tuple[float, ...]]:
     """Centroids (voxel indices) of the largest component of ``prob >= 0.5`` and of up to
-    ``most - 1`` further ones with at least :data:`MIN_FEMUR_FRACTION` of its voxels, largest first."""
+    ``most - 1`` further ones with at least ``MIN_FEMUR_FRACTION`` (postprocess) of its voxels, largest first."""
     lab, n = ndimage.label(foreground_probability(prob) >= 0.5)
     if n == 0:
         return []

@@ -24,8 +24,9 @@ Pipeline for one scan (:func:`predict_file`):
 7. **Post-process** (:func:`femurseg.inference.postprocess.postprocess`). Default ``lcc`` (largest 3D
    connected component) for **every** model: paper 001 needed it only for 2D networks, but it costs
    little, cannot remove a femur that is one connected object, and removes isolated false-positive
-   islands, which dominate the maximum surface distance. Use ``--postprocess none`` for scans with
-   both hips (the largest component is one femur).
+   islands, which dominate the maximum surface distance. Use ``--postprocess lcc2`` for scans with
+   both hips (the largest component is one femur; ``lcc2`` keeps a second one of at least 25 % its
+   size, and QC checks each femur on its own).
 8. **Write** (all files of a scan are written to temporary names and renamed together at the end):
    the mask (uint8, 0/1) with the source's exact geometry (:func:`femurseg.core.io.write_like`),
    optionally the probability map (float32), a DICOM SEG (:mod:`femurseg.core.dicom_seg`, DICOM input
@@ -66,6 +67,7 @@ from torch import nn
 from femurseg.core import io
 from femurseg.core.errors import FemursegError, atomic_path
 from femurseg.inference.fov import FOV_MODES
+from femurseg.inference.postprocess import femurs_kept
 from femurseg.inference.qc import QC_MODES, assess
 from femurseg.inference.thresholds import foreground_probability
 
@@ -391,7 +393,7 @@ def segment(prob: np.ndarray, spacing: Sequence[float], *, threshold: str | floa
         spacing: mm per canonical axis.
         threshold: "pr", "youden", "otsu", a number, or None (stored "pr", else 0.5 with a notice).
         stored: the run's stored thresholds.
-        postprocess: "none", "lcc", "lcc+fill" or "lcc+fill+open".
+        postprocess: one of :data:`femurseg.inference.postprocess.MODES` ("lcc2...": both hips).
         min_size_mm3: remove components smaller than this first.
 
     Returns:
@@ -546,7 +548,7 @@ def predict_file(pred: Predictor, input_path: str | os.PathLike, out: Outputs, *
         fold_masks = [segment(p, vol.spacing, threshold=thr, postprocess=postprocess, min_size_mm3=min_size_mm3,
                               notify=lambda m: None)[0] for p in folds] if len(folds) > 1 else []
         record = assess(vol.data, vol.spacing, mask, prob=fg_prob, fold_masks=fold_masks, reference=pred.qc_reference,
-                        checks=qc_checks)
+                        checks=qc_checks, femurs=femurs_kept(postprocess))
         record["input"] = str(src)
         if windows:
             record["fov_windows"] = [[[w.start, w.stop] for w in window] for window in windows]

@@ -163,7 +163,7 @@ module knows, passed in by the caller, e.g. :func:`femurseg.ct.regions.femoral_h
 
 def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, prob: np.ndarray | None = None,
            fold_masks: Sequence[np.ndarray] = (), reference: Mapping[str, Any] | None = None,
-           checks: Sequence[MaskCheck] = ()) -> dict[str, Any]:
+           checks: Sequence[MaskCheck] = (), femurs: int = 1) -> dict[str, Any]:
     """The QC record of one scan: ``verdict``, ``reasons`` (``"fail: ..."`` / ``"warn: ..."``) and
     the measured values (``image``, ``mask``, ``fold_agreement``, ``entropy_bits``).
 
@@ -174,7 +174,13 @@ def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, pro
         fold_masks: each fold model's mask at the same threshold (for the agreement), optional.
         reference: the run's ``qc_reference.json`` (None: reference-free checks only).
         checks: further mask checks (:data:`MaskCheck`), run on a non-empty mask.
+        femurs: how many femurs the mask may hold (2 after ``--postprocess lcc2``: both hips);
+            with 2, the volume and ``checks`` apply to each femur (component of at least
+            :data:`~femurseg.inference.postprocess.MIN_FEMUR_FRACTION` of the largest) and
+            two large components are expected.
     """
+    from femurseg.inference.postprocess import femur_components
+
     img, msk = image_features(image, spacing), mask_features(mask, spacing)
     agree = fold_agreement(fold_masks)
     ent = mean_entropy(prob, mask) if prob is not None else None
@@ -206,21 +212,30 @@ def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, pro
             if fov is not None and not 0.5 * fov[0] <= img[f"fov_mm_{ax}"] <= 2.0 * fov[1]:
                 reasons.append(f"warn: field of view {img[f'fov_mm_{ax}']:.0f} mm along axis {ax}, training "
                                f"{fov[0]:.0f}-{fov[1]:.0f} mm")
-    vol = msk["volume_cm3"]
-    if vol <= 0:
+    femurs = max(int(femurs), 1)
+    parts = [np.asarray(mask) > 0] if femurs == 1 else femur_components(mask, femurs)
+    if femurs > 1:
+        msk["femur_volumes_cm3"] = [float(np.count_nonzero(p)) * float(np.prod(spacing)) / 1000.0 for p in parts]
+    if msk["volume_cm3"] <= 0:
         reasons.append("fail: empty mask (no femur found)")
     else:
         vr = lohi("label_volume_cm3")
-        if vr is not None:
-            if vol < 0.5 * vr[0] or vol > 2.0 * vr[1]:
-                reasons.append(f"fail: femur volume {vol:.1f} cm^3 far outside the training range "
-                               f"{vr[0]:.1f}-{vr[1]:.1f} cm^3")
-            elif vol < 0.8 * vr[0] or vol > 1.25 * vr[1]:
-                reasons.append(f"warn: femur volume {vol:.1f} cm^3 outside the training range {vr[0]:.1f}-{vr[1]:.1f} cm^3")
-        if msk["components"] > 1:
-            reasons.append(f"warn: {int(msk['components'])} large components (the femur should be one)")
-        for check in checks:
-            reasons.extend(check(mask, tuple(float(s) for s in spacing)))
+        for i, part in enumerate(parts):
+            what = "femur" if femurs == 1 else f"femur {i + 1} of {len(parts)}"
+            vol = msk["volume_cm3"] if femurs == 1 else msk["femur_volumes_cm3"][i]
+            if vr is not None:
+                if vol < 0.5 * vr[0] or vol > 2.0 * vr[1]:
+                    reasons.append(f"fail: {what} volume {vol:.1f} cm^3 far outside the training range "
+                                   f"{vr[0]:.1f}-{vr[1]:.1f} cm^3")
+                elif vol < 0.8 * vr[0] or vol > 1.25 * vr[1]:
+                    reasons.append(f"warn: {what} volume {vol:.1f} cm^3 outside the training range "
+                                   f"{vr[0]:.1f}-{vr[1]:.1f} cm^3")
+            for check in checks:
+                reasons.extend(r if femurs == 1 else f"{r} ({what})"
+                               for r in check(part, tuple(float(s) for s in spacing)))
+        if msk["components"] > femurs:
+            reasons.append(f"warn: {int(msk['components'])} large components (the femur should be one)" if femurs == 1
+                           else f"warn: {int(msk['components'])} large components (expected at most {femurs} femurs)")
     if agree is not None:
         if agree < 0.5:
             reasons.append(f"fail: the fold models disagree (mean pairwise Dice {agree:.2f})")
