@@ -42,9 +42,10 @@ MODES: tuple[str, ...] = ("none", "lcc", "lcc+fill", "lcc+fill+open", "lcc2", "l
 
 MIN_FEMUR_FRACTION = 0.25
 """A further component counts as a femur (the other hip of a scan showing both) when it has at
-least this fraction of the largest one's voxels. Both femurs of a pelvic scan differ by far less;
-the false positives of a model trained on one hip (at the midline, in the pelvis) were below 10 %
-of the femur in the bilateral phantoms measured (README)."""
+least this fraction of the largest one's voxels (both femurs of one patient differ far less).
+It separates a femur from stray islands, not from large false positives: the demo model (trained
+on one hip) gives midline components of 65-96 % a femur's size on bilateral phantoms
+(``benchmarks/bilateral_postprocess.py``), which no size rule can tell from the other femur."""
 
 _CONNECTIVITY = {2: {4: 1, 8: 2}, 3: {6: 1, 18: 2, 26: 3}}
 
