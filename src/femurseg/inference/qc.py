@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from femurseg.inference.postprocess import femur_components
+
 QC_REFERENCE_NAME = "qc_reference.json"
 """The run folder's record of what the model saw (written by ``femurseg cv``)."""
 
@@ -179,7 +181,6 @@ def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, pro
             :data:`~femurseg.inference.postprocess.MIN_FEMUR_FRACTION` of the largest) and
             two large components are expected.
     """
-    from femurseg.inference.postprocess import femur_components
 
     img, msk = image_features(image, spacing), mask_features(mask, spacing)
     agree = fold_agreement(fold_masks)
