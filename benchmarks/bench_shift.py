@@ -17,7 +17,10 @@ has) with ``femurseg predict`` (the run's threshold, post-processing and per-sca
   today's default);
 * ``wide + light + histogram aug``: the same with a random histogram shift (MONAI's
   ``RandHistogramShift``) on 30 % of the samples, the intensity kind aimed at a change of
-  tissue contrast.
+  tissue contrast;
+* ``wide + light + fg contrast aug``: the same with the femur's marrow moved towards the
+  surrounding muscle (``foreground_contrast``, factor 0.35-1) on 30 % of the samples, the
+  label-conditioned kind aimed at the same change.
 
 The test cohorts are the narrow world (in-domain for the first two), the wide world, and the
 narrow world with each factor group of ``femurseg.data.phantom.SHIFTS`` moved beyond its range
@@ -56,6 +59,7 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "wide + nnunet aug": ("wide", "nnunet", {}),
     "wide + light aug": ("wide", "light", {}),
     "wide + light + histogram aug": ("wide", "light", {"histogram_p": 0.3}),
+    "wide + light + fg contrast aug": ("wide", "light", {"fg_contrast_p": 0.3}),
 }
 TEST_SEED = 1000  # test cohorts are drawn from seeds no training cohort (seed 0) uses
 

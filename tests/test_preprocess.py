@@ -333,6 +333,41 @@ def test_histogram_shift_in_augment_is_seeded_and_leaves_the_other_streams_alone
         AugmentConfig(histogram_points=(2, 5))
 
 
+def test_foreground_contrast_moves_the_bright_interior_towards_the_surroundings():
+    from femurseg.data.augment import foreground_contrast
+
+    x = torch.full((1, 24, 24, 24), 1.0)  # muscle
+    lab = torch.zeros(24, 24, 24, dtype=torch.long)
+    lab[6:18, 6:18, 6:18] = 1
+    x[0, 6:18, 6:18, 6:18] = 0.2  # dark cortex
+    x[0, 8:16, 8:16, 8:16] = 3.0  # bright marrow
+    y = foreground_contrast(x, lab, 0.5)
+    assert float(y[0, 12, 12, 12]) == pytest.approx(2.0)  # 1 + 0.5 * (3 - 1)
+    assert float(y[0, 6, 12, 12]) == pytest.approx(0.2)  # darker than the muscle: kept
+    assert torch.equal(y[0, :3], x[0, :3])  # far from the label: untouched
+    assert torch.equal(foreground_contrast(x, lab, 1.0), x)
+    assert torch.equal(foreground_contrast(x, torch.zeros_like(lab), 0.5), x)  # no foreground
+    # 2D stacks: (C, H, W) with a (H, W) label, one reference per channel
+    y2 = foreground_contrast(x[0, 10:13], lab[12], 0.5)
+    assert float(y2[1, 12, 12]) == pytest.approx(2.0)
+
+
+def test_foreground_contrast_in_augment_is_seeded_and_leaves_the_other_streams_alone():
+    img, lab = _batch((12, 16, 16))
+    img = img.repeat(2, 1, 1, 1, 1) + torch.randn(4, 1, 12, 16, 16, generator=torch.Generator().manual_seed(2))
+    lab = lab.repeat(2, 1, 1, 1)
+    base = AugmentConfig.preset("light")
+    on = AugmentConfig.from_dict({**base.to_dict(), "fg_contrast_p": 1.0, "fg_contrast": [0.4, 0.4]})
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a, al = augment(img, lab, base, g1)
+    b, bl = augment(img, lab, on, g2)
+    assert torch.equal(g1.get_state(), g2.get_state()) and torch.equal(al, bl)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, augment(img, lab, on, torch.Generator().manual_seed(7))[0])
+    with pytest.raises(FemursegError):
+        AugmentConfig(fg_contrast_p=1.5)
+
+
 def test_in_millimetres_keeps_the_training_grid_and_adapts_to_other_spacings():
     from femurseg.data.preprocess import plan
 

@@ -31,8 +31,10 @@ default trainer and batchgeneratorsv2 are the model for the kinds, ranges and pr
   points on the image's range, ``n`` uniform in ``histogram_points``, mean and standard
   deviation kept; ``histogram_p``), which, unlike gamma, changes the ratios between tissue
   intensity bands (marrow, muscle, fat) independently, as a change of sequence or scanner does;
-  and the older additive **brightness shift** (``brightness``, uniform in ``+-brightness``,
-  every sample).
+  a **foreground contrast** draw (:func:`foreground_contrast`; ``fg_contrast_p``): the label's
+  bright part (the marrow) moved towards the mean of its surroundings (the muscle) by a factor
+  uniform in ``fg_contrast``, the one kind that changes the femur against its neighbours; and the
+  older additive **brightness shift** (``brightness``, uniform in ``+-brightness``, every sample).
 
 :class:`AugmentConfig` alone is the mirror only (paper 001's augmentation, what the CT cascade
 and the paper preset use); :meth:`AugmentConfig.preset` names the sets (``"light"``: what the MR
@@ -94,14 +96,17 @@ class AugmentConfig:
     gamma_p: float = 0.0
     histogram_points: tuple[int, int] = (4, 8)
     histogram_p: float = 0.0
+    fg_contrast: tuple[float, float] = (0.35, 1.0)
+    fg_contrast_p: float = 0.0
 
     def __post_init__(self) -> None:
         self.blur_sigma = tuple(float(v) for v in self.blur_sigma)  # type: ignore[assignment]
         self.lowres = tuple(float(v) for v in self.lowres)  # type: ignore[assignment]
         self.gamma = tuple(float(v) for v in self.gamma)  # type: ignore[assignment]
         self.histogram_points = tuple(int(v) for v in self.histogram_points)  # type: ignore[assignment]
+        self.fg_contrast = tuple(float(v) for v in self.fg_contrast)  # type: ignore[assignment]
         for name in ("flip_p", "spatial_p", "noise_p", "blur_p", "bias_p", "intensity_p", "lowres_p", "gamma_p",
-                     "histogram_p"):
+                     "histogram_p", "fg_contrast_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be in [0, 1]")
         for name in ("noise_std", "brightness", "scale", "rotate_deg", "tilt_deg", "elastic_mm", "bias",
@@ -117,7 +122,7 @@ class AugmentConfig:
             raise FemursegError(f"augmentation: fill={self.fill!r} must be 'edge' or 'air'")
         if self.elastic_grid_mm <= 0:
             raise FemursegError(f"augmentation: elastic_grid_mm={self.elastic_grid_mm} must be > 0")
-        for name, lo_min in (("blur_sigma", 0.0), ("lowres", 0.0), ("gamma", 0.0)):
+        for name, lo_min in (("blur_sigma", 0.0), ("lowres", 0.0), ("gamma", 0.0), ("fg_contrast", 0.0)):
             lo, hi = getattr(self, name)
             if not (lo > lo_min and hi >= lo):
                 raise FemursegError(f"augmentation: {name}={getattr(self, name)} must be (lo, hi) with 0 < lo <= hi")
@@ -232,7 +237,8 @@ def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: t
         image = image + (noise * scale.view(b, *([1] * (image.ndim - 1)))).to(image.device, image.dtype)
     sel = lambda k, prob: [i for i in range(b) if float(p[i, k]) < prob]  # noqa: E731
     image = image.clone() if any(cfg_p > 0 for cfg_p in (cfg.blur_p, cfg.bias_p * (cfg.bias > 0), cfg.intensity_p,
-                                                         cfg.lowres_p, cfg.gamma_p, cfg.histogram_p)) else image
+                                                         cfg.lowres_p, cfg.gamma_p, cfg.histogram_p,
+                                                         cfg.fg_contrast_p)) else image
     for i in sel(1, cfg.blur_p):
         image[i] = gaussian_blur(image[i], float(sigma[i]))
     if cfg.bias > 0:
@@ -258,7 +264,44 @@ def augment(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: t
                                                               (1,), generator=hg)), hg)
             if coin < cfg.histogram_p:
                 image[i] = histogram_shift(image[i], points)
+    if cfg.fg_contrast_p > 0:
+        cg = torch.Generator(device="cpu").manual_seed(noise_seed + 3)
+        coins = torch.rand(b, generator=cg)
+        scales = _uniform(b, *cfg.fg_contrast, cg)
+        for i in range(b):
+            if float(coins[i]) < cfg.fg_contrast_p:
+                image[i] = foreground_contrast(image[i], label[i], float(scales[i]))
     return image, label
+
+
+def foreground_contrast(x: torch.Tensor, label: torch.Tensor, factor: float, shell: int = 3,
+                        sigma: float = 1.0) -> torch.Tensor:
+    """Scale how much brighter the labelled structure is than its surroundings by ``factor``.
+
+    ``x`` ``(C, *S)``, ``label`` ``(*S)`` (foreground ``> 0``). The reference is the mean of ``x``
+    per channel over a shell of ``shell`` voxels just outside the label (for a femur: the muscle
+    around it); inside the label, every voxel brighter than the reference moves towards it,
+    ``x -> ref + factor * (x - ref)``, and darker voxels (cortex) stay as they are. The weight is the
+    label blurred by ``sigma`` voxels, so no step appears on the label's boundary for the network to
+    find. This is a label-conditioned intensity draw in the spirit of SynthSeg's (Billot et al.,
+    2023): a change of sequence or scanner moves the marrow against the muscle, which a global remap
+    of the histogram (gamma, histogram shift) does not imitate. A sample without foreground or
+    without a shell is returned unchanged.
+    """
+    sd = x.ndim - 1
+    fg = (label > 0).to(torch.float32)[None]
+    if not bool(fg.any()):
+        return x
+    pool = F.max_pool3d if sd == 3 else F.max_pool2d
+    ring = pool(fg[None], 2 * shell + 1, stride=1, padding=shell)[0] - fg
+    n = ring.sum()
+    if not bool(n > 0):
+        return x
+    dims = tuple(range(1, sd + 1))
+    xf = x.float()
+    ref = (xf * ring).sum(dim=dims, keepdim=True) / n
+    w = gaussian_blur(fg, sigma).clamp(0, 1) if sigma > 0 else fg
+    return (xf + w * (factor - 1.0) * (xf - ref).clamp_min(0)).to(x.dtype)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

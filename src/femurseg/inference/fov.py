@@ -41,7 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from femurseg.inference.thresholds import foreground_probability
-from femurseg.inference.postprocess import MIN_FEMUR_FRACTION
+from femurseg.inference.postprocess import femur_components
 
 FOV_MODES = ("match", "full")
 """``--fov``: match (windows of the training field of view) or full (the whole scan as it is)."""
@@ -188,14 +188,10 @@ def _mean(probs: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _centroids(prob: np.ndarray, most: int = 1) -> list[tuple[float, ...]]:
-    """Centroids (voxel indices) of the largest component of ``prob >= 0.5`` and of up to
-    ``most - 1`` further ones with at least ``MIN_FEMUR_FRACTION`` (postprocess) of its voxels, largest first."""
-    lab, n = ndimage.label(foreground_probability(prob) >= 0.5)
-    if n == 0:
-        return []
-    sizes = np.bincount(lab.ravel())[1:]
-    order = [int(k) for k in np.argsort(sizes)[::-1][:most] if sizes[k] >= MIN_FEMUR_FRACTION * sizes.max()]
-    return [tuple(float(c) for c in ndimage.center_of_mass(lab == k + 1)) for k in order]
+    """Centroids (voxel indices) of :func:`femur_components` of ``prob >= 0.5`` (6-connected,
+    up to ``most``, largest first)."""
+    parts = femur_components(foreground_probability(prob) >= 0.5, most, connectivity=6)
+    return [tuple(float(c) for c in ndimage.center_of_mass(part)) for part in parts]
 
 
 def tiled_probabilities(image: np.ndarray, spacing: Sequence[float], train_fov: TrainFov,
