@@ -20,7 +20,8 @@ has) with ``femurseg predict`` (the run's threshold, post-processing and per-sca
   tissue contrast;
 * ``wide + light + fg contrast aug``: the same with the femur's marrow moved towards the
   surrounding muscle (``foreground_contrast``, factor 0.35-1) on 30 % of the samples, the
-  label-conditioned kind aimed at the same change.
+  label-conditioned kind aimed at the same change; ``strong``: factor 0.05-1 on half the samples
+  (marrow as dark as the muscle, only the cortex outlining the femur, as in the contrast shift).
 
 The test cohorts are the narrow world (in-domain for the first two), the wide world, and the
 narrow world with each factor group of ``femurseg.data.phantom.SHIFTS`` moved beyond its range
@@ -60,6 +61,7 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "wide + light aug": ("wide", "light", {}),
     "wide + light + histogram aug": ("wide", "light", {"histogram_p": 0.3}),
     "wide + light + fg contrast aug": ("wide", "light", {"fg_contrast_p": 0.3}),
+    "wide + light + strong fg contrast aug": ("wide", "light", {"fg_contrast_p": 0.5, "fg_contrast": (0.05, 1.0)}),
 }
 TEST_SEED = 1000  # test cohorts are drawn from seeds no training cohort (seed 0) uses
 
