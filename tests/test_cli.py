@@ -11,6 +11,7 @@ from helpers import ball
 
 from femurseg.cli import app
 from femurseg.core import io
+from femurseg.core.errors import FemursegError
 from femurseg.data.dataset import MR_LABELS, write_dataset
 
 
@@ -98,6 +99,14 @@ def test_training_options_take_an_augmentation_preset():
     opts = _training_options(augment="flip")
     assert opts["aug_cfg"] == AugmentConfig().to_dict()
     assert "aug_cfg" not in _training_options()
+    # a preset with field changes: numbers, LO:HI ranges, the fill word
+    aug = _training_options(augment="light, fg_contrast_p=0.5, fg_contrast=0.05:1, fill=air")["aug_cfg"]
+    light = AugmentConfig.preset("light").to_dict()
+    assert aug == {**light, "fg_contrast_p": 0.5, "fg_contrast": [0.05, 1.0], "fill": "air"}
+    for bad in ("light,foo=1", "light,fg_contrast_p", "light,fg_contrast_p=x", "light,fg_contrast=0.5",
+                "light,fg_contrast_p=2", "nope"):
+        with pytest.raises(FemursegError):
+            _training_options(augment=bad)
 
 
 def test_training_options_take_deep_supervision_and_a_schedule():

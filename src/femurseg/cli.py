@@ -317,7 +317,8 @@ _PRECISION_HELP = ("auto (default: float16 AMP on CUDA, bfloat16 on CPUs with AV
                    "CPUs), fp32, bf16 or fp16; recorded with the reason in config.json.")
 _AUGMENT_HELP = ("Augmentation preset: light (the default preset's: mirror, in-plane rotation, zoom, noise, bias, "
                  "brightness, contrast, gamma), nnunet (nnU-Net v2's full set: also tilt, elastic, blur, low "
-                 "resolution) or flip (the mirror only; the paper preset's).")
+                 "resolution) or flip (the mirror only; the paper preset's); then optionally ,FIELD=VALUE changes "
+                 "of femurseg.data.augment.AugmentConfig, e.g. light,fg_contrast_p=0.5,fg_contrast=0.05:1.")
 
 # The model / preprocessing / training options that `cv` and `train` share, declared once. Every default
 # is None, meaning "the preset's value". Both signatures take their declarations from here and hand the
@@ -385,9 +386,9 @@ def _training_options(*, model: str | None = None, features: int | None = None, 
         train["patch_size"] = list(_parse_ints(patch_size, 3, "--patch-size"))
     out = {"model_cfg": model_cfg or None, "prep_cfg": prep or None, "train_cfg": train or None}
     if augment is not None:
-        from femurseg.data.augment import AugmentConfig
+        from femurseg.data.augment import parse_augment
 
-        out["aug_cfg"] = AugmentConfig.preset(augment).to_dict()
+        out["aug_cfg"] = parse_augment(augment).to_dict()
     return out
 
 

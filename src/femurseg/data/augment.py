@@ -175,6 +175,34 @@ class AugmentConfig:
 AUGMENT_PRESETS: tuple[str, ...] = ("flip", "light", "nnunet")
 
 
+def parse_augment(spec: str) -> AugmentConfig:
+    """An :class:`AugmentConfig` from ``"PRESET[,FIELD=VALUE...]"`` (the CLI's ``--augment``).
+
+    ``PRESET`` is one of :data:`AUGMENT_PRESETS`; each ``FIELD=VALUE`` then changes one field:
+    a number, a range ``LO:HI`` for the tuple fields (``fg_contrast=0.05:1``), or a word for
+    ``fill``. Example: ``"light,fg_contrast_p=0.5,fg_contrast=0.05:1"``.
+    """
+    preset, *changes = [part.strip() for part in str(spec).split(",")]
+    cfg = AugmentConfig.preset(preset).to_dict()
+    kinds = {f.name: f.type for f in fields(AugmentConfig)}
+    for change in changes:
+        name, sep, value = change.partition("=")
+        name = name.strip()
+        if not sep or name not in kinds:
+            raise FemursegError(f"--augment: {change!r} is not FIELD=VALUE with FIELD one of {', '.join(kinds)}")
+        try:
+            if "tuple" in str(kinds[name]):
+                lo, hi = value.split(":")
+                cfg[name] = [float(lo), float(hi)]
+            elif name == "fill":
+                cfg[name] = value.strip()
+            else:
+                cfg[name] = float(value)
+        except ValueError:
+            raise FemursegError(f"--augment: {change!r}: {value!r} is not a number (ranges: LO:HI)") from None
+    return AugmentConfig.from_dict(cfg)
+
+
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
 
