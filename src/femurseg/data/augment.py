@@ -156,7 +156,7 @@ class AugmentConfig:
         of it, zoom 0.85-1.15, a mild elastic deformation, bias field, noise, blur, brightness,
         contrast, low resolution and gamma. ``"light"`` (the MR default preset's): the same kinds
         at about half the probability and strength, no elastic, tilt, blur or low resolution.
-        Measured with ``benchmarks/bench_shift.py`` at the default 16-epoch budget (README,
+        Measured with ``benchmarks/bench_shift.py`` at the former 16-epoch budget (README,
         "Robustness"): the wide phantom world is the lever; ``light`` is within noise of the mirror
         alone in domain and slightly ahead under all shifts, ``nnunet`` costs ~0.01 DSC in domain
         and more under contrast shifts at that budget."""

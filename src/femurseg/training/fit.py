@@ -21,8 +21,8 @@ waits for disk or resampling) and validates it after every epoch.
   nnU-Net's SGD with Nesterov momentum 0.99 (use it with its lr 1e-2 and weight decay 3e-5).
 * **Defaults** (``TrainConfig()``, the ``default`` preset of :mod:`femurseg.training.cv`) are tuned
   for 2 CPU cores and the 16-case phantom (measured, see ``femurseg.training.cv``): Dice + wCE, Adam
-  2e-3 with cosine decay to 1e-4, at most 16 epochs, early stopping from epoch 10 with
-  patience 5. ``TrainConfig.preset("paper")``: wCE, Adam 5e-5 constant, early stopping after
+  2e-3 with cosine decay to 1e-4, at most 32 epochs, early stopping from epoch 20 with
+  patience 5 (16 / 10 until the wide phantom world showed the model under-trained at 16). ``TrainConfig.preset("paper")``: wCE, Adam 5e-5 constant, early stopping after
   30 epochs with patience 10 and min delta 1e-4.
 * **Validation** after every epoch on the validation cases, whole volumes through
   :func:`femurseg.inference.tiling.predict_classes` (exactly the inference path): validation loss
@@ -137,8 +137,8 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     lr_min_factor: float = 0.05
     batch_size: int = 1
-    max_epochs: int = 16
-    min_epochs: int = 10
+    max_epochs: int = 32
+    min_epochs: int = 20
     patience: int = 5
     min_delta: float = 1e-4
     monitor: str = "dice"
