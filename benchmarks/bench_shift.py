@@ -62,7 +62,7 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "wide + nnunet aug": ("wide", "nnunet", {}),
     "wide + light aug": ("wide", "light", {}),
     "wide + light + histogram aug": ("wide", "light", {"histogram_p": 0.3}),
-    "wide + light + fg contrast aug": ("wide", "light", {"fg_contrast_p": 0.3}),
+    "wide + light + fg contrast aug": ("wide", "light", {"fg_contrast_p": 0.3, "fg_contrast": (0.35, 1.0)}),
     "wide + light + strong fg contrast aug": ("wide", "light", {"fg_contrast_p": 0.5, "fg_contrast": (0.05, 1.0)}),
     "wide + light aug (32 epochs)": ("wide", "light", {}),
     "wide + light + strong fg contrast aug (32 epochs)": ("wide", "light", {"fg_contrast_p": 0.5,

@@ -96,7 +96,7 @@ class AugmentConfig:
     gamma_p: float = 0.0
     histogram_points: tuple[int, int] = (4, 8)
     histogram_p: float = 0.0
-    fg_contrast: tuple[float, float] = (0.35, 1.0)
+    fg_contrast: tuple[float, float] = (0.05, 1.0)
     fg_contrast_p: float = 0.0
 
     def __post_init__(self) -> None:
