@@ -184,17 +184,16 @@ def parse_augment(spec: str) -> AugmentConfig:
     """
     preset, *changes = [part.strip() for part in str(spec).split(",")]
     cfg = AugmentConfig.preset(preset).to_dict()
-    kinds = {f.name: f.type for f in fields(AugmentConfig)}
     for change in changes:
         name, sep, value = change.partition("=")
         name = name.strip()
-        if not sep or name not in kinds:
-            raise FemursegError(f"--augment: {change!r} is not FIELD=VALUE with FIELD one of {', '.join(kinds)}")
+        if not sep or name not in cfg:
+            raise FemursegError(f"--augment: {change!r} is not FIELD=VALUE with FIELD one of {', '.join(cfg)}")
         try:
-            if "tuple" in str(kinds[name]):
+            if isinstance(cfg[name], list):  # a (lo, hi) range
                 lo, hi = value.split(":")
                 cfg[name] = [float(lo), float(hi)]
-            elif name == "fill":
+            elif isinstance(cfg[name], str):
                 cfg[name] = value.strip()
             else:
                 cfg[name] = float(value)

@@ -40,8 +40,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from femurseg.inference.thresholds import foreground_probability
 from femurseg.inference.postprocess import femur_components
+from femurseg.inference.thresholds import foreground_probability
 
 FOV_MODES = ("match", "full")
 """``--fov``: match (windows of the training field of view) or full (the whole scan as it is)."""
@@ -58,7 +58,6 @@ TILE_OVERLAP = 0.5
 
 MAX_FEMURS = 2
 """Femurs matched at most, one window each (a scan of both hips)."""
-
 
 SETTLE_MM = 3.0
 """The window has settled when its corner moves by at most this much (mm) between passes."""

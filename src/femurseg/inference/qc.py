@@ -181,7 +181,6 @@ def assess(image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, *, pro
             :data:`~femurseg.inference.postprocess.MIN_FEMUR_FRACTION` of the largest) and
             two large components are expected.
     """
-
     img, msk = image_features(image, spacing), mask_features(mask, spacing)
     agree = fold_agreement(fold_masks)
     ent = mean_entropy(prob, mask) if prob is not None else None

@@ -106,8 +106,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   out-of-fold DSC 0.966 +- 0.011 (20 epochs: 0.969 +- 0.012), ~115 CPU-s per fold, on the
     #   narrow phantom world; on the wide world (the MR default since) 16 epochs left the model
     #   under-trained, so the default is now at most 32 epochs, early stopping from 20 (patience 5):
-    #   demo DSC 0.933 -> 0.952, and every cohort of benchmarks/bench_shift.py gains (wide world
-    #   0.931 -> 0.956, head shift 0.930 -> 0.951), at ~1.2-1.5x the training time (README, "The demo today");
+    #   demo DSC 0.937 -> 0.952 (same day), and every cohort of benchmarks/bench_shift.py gains
+    #   (wide world 0.931 -> 0.956, head shift 0.930 -> 0.951), at ~1.5x the training time
+    #   (README, "The demo today");
     # * precision "auto" (femurseg.core.precision): bfloat16 autocast where the CPU has it natively
     #   (AVX512-BF16/AMX): mean out-of-fold DSC 0.966 +- 0.011 vs 0.963 +- 0.015 in float32 with
     #   the same settings, at 115 vs 245 CPU-s per fold; float32 on AVX2-only CPUs, where

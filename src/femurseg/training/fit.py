@@ -22,8 +22,9 @@ waits for disk or resampling) and validates it after every epoch.
 * **Defaults** (``TrainConfig()``, the ``default`` preset of :mod:`femurseg.training.cv`) are tuned
   for 2 CPU cores and the 16-case phantom (measured, see ``femurseg.training.cv``): Dice + wCE, Adam
   2e-3 with cosine decay to 1e-4, at most 32 epochs, early stopping from epoch 20 with
-  patience 5 (16 / 10 until the wide phantom world showed the model under-trained at 16). ``TrainConfig.preset("paper")``: wCE, Adam 5e-5 constant, early stopping after
-  30 epochs with patience 10 and min delta 1e-4.
+  patience 5 (16 / 10 until the wide phantom world showed the model under-trained at 16).
+  ``TrainConfig.preset("paper")``: wCE, Adam 5e-5 constant, early stopping after 30 epochs with
+  patience 10 and min delta 1e-4.
 * **Validation** after every epoch on the validation cases, whole volumes through
   :func:`femurseg.inference.tiling.predict_classes` (exactly the inference path): validation loss
   and Dice of ``p >= 0.5`` (mean over cases; C > 2: mean over foreground classes of the
